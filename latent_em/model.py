@@ -1,0 +1,332 @@
+"""Llama-family decoder in Flax: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+Shapes use the suffix convention B=batch, T=query length, S=key/cache length, D=model dim,
+H=query heads, K=kv heads, G=H/K, Dh=head dim, F=mlp dim, V=vocab, L=layers.
+
+Every parameter and key activation carries logical axis names; `sharding.py` maps them onto mesh
+axes. Parameters are stored in `param_dtype` (fp32), computed in `dtype` (bf16 on accelerators),
+and logits/softmax are fp32.
+
+Attention masking is by *slot*: in a plain forward pass token t sits in slot t and sees slots
+<= t of its own packed segment. In cached decoding, row b writes its T new tokens into slots
+`cache_index[b] .. cache_index[b] + T - 1` and each query sees every slot up to its own, so
+right-padded (bucketed) prompts need no extra mask: generation overwrites the padding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from latent_em import config_lib
+
+Array = jax.Array
+Cache = dict[str, Array]  # {"k": [L, B, S, K, Dh], "v": [L, B, S, K, Dh]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Llama architecture hyperparameters (config.model)."""
+  vocab_size: int = 512
+  dim: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 0                 # 0: dim // n_heads
+  mlp_dim: int = 384
+  rope_theta: float = 10000.0
+  rope_scaling: dict | None = None  # Llama-3 style {"rope_type": "llama3", ...} or None
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  dtype: str = "float32"            # compute dtype: float32 | bfloat16
+  param_dtype: str = "float32"
+  remat: Literal["none", "full", "dots"] = "none"
+  scan_layers: bool = True
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
+      config_lib.check(getattr(self, name) > 0, f"config.model.{name}", "must be positive")
+    config_lib.check(self.n_heads % self.n_kv_heads == 0, "config.model.n_kv_heads",
+                     f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+    config_lib.check(self.head_dim > 0 or self.dim % self.n_heads == 0, "config.model.head_dim",
+                     f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
+    config_lib.check(self.hd % 2 == 0, "config.model.head_dim", "RoPE needs an even head dim")
+    for name in ("dtype", "param_dtype"):
+      config_lib.check(getattr(self, name) in ("float32", "bfloat16", "float16"),
+                       f"config.model.{name}", "use float32, bfloat16 or float16")
+
+  @property
+  def hd(self) -> int:
+    return self.head_dim or self.dim // self.n_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def params_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+def _init(cfg: ModelConfig, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), axes)
+
+
+def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+  return nn.with_logical_constraint(x, axes)
+
+
+def rope_frequencies(cfg: ModelConfig) -> Array:
+  """Inverse frequencies [Dh/2], with optional Llama-3 long-context scaling."""
+  dh = cfg.hd
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  scaling = cfg.rope_scaling
+  if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * jnp.pi / inv_freq
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    inv_freq = jnp.where(wavelen > low_wavelen, inv_freq / factor,
+                         jnp.where(wavelen < high_wavelen, inv_freq, smoothed))
+  elif scaling:
+    raise config_lib.ConfigError(
+        f"config.model.rope_scaling={scaling!r}: only rope_type 'llama3' is supported")
+  return inv_freq
+
+
+def apply_rope(x_BTND: Array, positions_BT: Array, inv_freq: Array) -> Array:
+  """Rotary embedding in the Hugging Face (rotate-half) layout, computed in fp32."""
+  angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  x = x_BTND.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x_BTND.dtype)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.cfg.params_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (scale.astype(self.cfg.compute_dtype) * x32.astype(self.cfg.compute_dtype))
+
+
+def _dense(cfg, features, axis, kernel_axes, name):
+  return nn.DenseGeneral(features=features, axis=axis, use_bias=False, dtype=cfg.compute_dtype,
+                         param_dtype=cfg.params_dtype, kernel_init=_init(cfg, kernel_axes),
+                         name=name)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, q_slots_BT, kv_segments_BS, q_segments_BT,
+               cache: Cache | None, cache_index_B: Array | None):
+    cfg = self.cfg
+    h, k, dh = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+    q_BTHD = _dense(cfg, (h, dh), -1, ("embed", "q_heads", "kv"), "q_proj")(x_BTD)
+    k_BTKD = _dense(cfg, (k, dh), -1, ("embed", "kv_heads", "kv"), "k_proj")(x_BTD)
+    v_BTKD = _dense(cfg, (k, dh), -1, ("embed", "kv_heads", "kv"), "v_proj")(x_BTD)
+    inv_freq = rope_frequencies(cfg)
+    q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
+    k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
+    q_BTHD = _constrain(q_BTHD, ("activation_batch", "activation_length", "activation_heads",
+                                 "activation_kv"))
+
+    new_cache = None
+    if cache is not None:
+      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
+      keys = write(cache["k"], k_BTKD.astype(cache["k"].dtype), cache_index_B)
+      values = write(cache["v"], v_BTKD.astype(cache["v"].dtype), cache_index_B)
+      new_cache = {"k": keys, "v": values}
+      keys, values = keys.astype(cfg.compute_dtype), values.astype(cfg.compute_dtype)
+    else:
+      keys, values = k_BTKD, v_BTKD
+    keys = _constrain(keys, ("activation_batch", "activation_length", "activation_kv_heads",
+                             "activation_kv"))
+    values = _constrain(values, ("activation_batch", "activation_length", "activation_kv_heads",
+                                 "activation_kv"))
+
+    b, t = q_BTHD.shape[:2]
+    s = keys.shape[1]
+    q_BTKGD = q_BTHD.reshape(b, t, k, h // k, dh)
+    logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, keys).astype(jnp.float32)
+    logits_BKGTS = logits_BKGTS / jnp.sqrt(jnp.float32(dh))
+    kv_slots = jnp.arange(s)
+    mask_BTS = kv_slots[None, None, :] <= q_slots_BT[:, :, None]
+    if kv_segments_BS is not None:
+      mask_BTS &= kv_segments_BS[:, None, :] == q_segments_BT[:, :, None]
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits_BKGTS, axis=-1).astype(cfg.compute_dtype)
+    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, values)
+    out_BTHD = out_BTKGD.reshape(b, t, h, dh)
+    out = _dense(cfg, cfg.dim, (-2, -1), ("q_heads", "kv", "embed"), "o_proj")(out_BTHD)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.cfg
+    gate = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "gate_proj")(x_BTD)
+    up = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "up_proj")(x_BTD)
+    hidden = _constrain(nn.silu(gate) * up, ("activation_batch", "activation_length",
+                                             "activation_mlp"))
+    return _dense(cfg, cfg.dim, -1, ("mlp", "embed"), "down_proj")(hidden)
+
+
+class Block(nn.Module):
+  """One pre-norm decoder layer. Signature fits nn.scan: (carry, per-layer cache, *broadcast)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, cache, positions_BT, q_slots_BT, kv_segments_BS, q_segments_BT,
+               cache_index_B):
+    act_axes = ("activation_batch", "activation_length", "activation_embed")
+    x_BTD = _constrain(x_BTD, act_axes)
+    attn_out, new_cache = Attention(self.cfg, name="attn")(
+        RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions_BT, q_slots_BT, kv_segments_BS,
+        q_segments_BT, cache, cache_index_B)
+    x_BTD = x_BTD + attn_out
+    x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BTD))
+    return _constrain(x_BTD, act_axes), new_cache
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM. Returns (logits [B, T, V] fp32, updated cache or None)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
+               segment_ids_BT: Array | None = None, cache: Cache | None = None,
+               cache_index_B: Array | None = None):
+    cfg = self.cfg
+    b, t = tokens_BT.shape
+    if cache is None:
+      q_slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+      kv_segments, q_segments = segment_ids_BT, segment_ids_BT
+      if positions_BT is None:
+        positions_BT = q_slots
+    else:
+      if cache_index_B is None:
+        raise ValueError("cached decoding needs cache_index_B")
+      q_slots = cache_index_B[:, None] + jnp.arange(t)[None, :]
+      kv_segments = q_segments = None
+      if positions_BT is None:
+        positions_BT = q_slots
+
+    embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.params_dtype,
+                     embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
+    x_BTD = embed(tokens_BT)
+
+    block = Block
+    if cfg.remat != "none":
+      policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+                if cfg.remat == "dots" else None)
+      block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+    broadcast = (positions_BT, q_slots, kv_segments, q_segments, cache_index_B)
+    if cfg.scan_layers:
+      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(0,) + (nn.broadcast,) * 5, length=cfg.n_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+      x_BTD, new_cache = layers(x_BTD, cache, *broadcast)
+    else:
+      new_layers = []
+      for i in range(cfg.n_layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        x_BTD, c = block(cfg, name=f"layers_{i}")(x_BTD, layer_cache, *broadcast)
+        new_layers.append(c)
+      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+
+    x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x_BTD)
+    else:
+      logits = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "lm_head")(x_BTD)
+    logits = _constrain(logits.astype(jnp.float32),
+                        ("activation_batch", "activation_length", "activation_vocab"))
+    return logits, new_cache
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def init_params(cfg: ModelConfig, rng: Array, boxed: bool = False) -> Any:
+  """Random parameters. `boxed=True` keeps flax's LogicallyPartitioned metadata."""
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  params = Transformer(cfg).init(rng, tokens)["params"]
+  return params if boxed else nn.unbox(params)
+
+
+def logical_axes(cfg: ModelConfig) -> Any:
+  """PartitionSpec tree of logical axis names, matching `init_params`' structure."""
+  boxed = jax.eval_shape(functools.partial(init_params, cfg, boxed=True), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def forward(cfg: ModelConfig, params: Any, tokens: Array, positions: Array | None = None,
+            segment_ids: Array | None = None) -> Array:
+  """Logits of a full forward pass: int32 [B, T] -> float32 [B, T, V].
+
+  `positions` (RoPE positions) and `segment_ids` (packed documents; 0 = padding) default to
+  0..T-1 and one segment.
+  """
+  logits, _ = Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
+  return logits
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+  """Zeroed KV cache {"k", "v"}: [L, B, S, K, Dh] each (layer axis first, as nn.scan stacks)."""
+  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.hd)
+  dtype = dtype or cfg.compute_dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_AXES = {"k": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_kv"),
+              "v": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_kv")}
+
+
+def decode(cfg: ModelConfig, params: Any, tokens: Array, cache: Cache, cache_index: Array,
+           positions: Array | None = None) -> tuple[Array, Cache]:
+  """Cached step: writes tokens [B, T] at slots cache_index[b].. and returns (logits, cache).
+
+  Used for prefill (T = prompt bucket) and for one-token decode steps (T = 1). `positions`
+  default to the slots, i.e. prompts start at slot 0.
+  """
+  logits, new_cache = Transformer(cfg).apply({"params": params}, tokens, positions, None, cache,
+                                             cache_index)
+  return logits, new_cache
+
+
+def param_count(cfg: ModelConfig, include_embedding: bool = True) -> int:
+  d, f, h, k, dh, v = cfg.dim, cfg.mlp_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.vocab_size
+  per_layer = d * dh * (2 * h + 2 * k) + 3 * d * f + 2 * d
+  total = cfg.n_layers * per_layer + d
+  if include_embedding:
+    total += v * d * (1 if cfg.tie_embeddings else 2)
+  return total
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs per trained token (6N for matmuls incl. lm head, plus attention)."""
+  d, f, h, k, dh, v = cfg.dim, cfg.mlp_dim, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.vocab_size
+  matmul_params = cfg.n_layers * (d * dh * (2 * h + 2 * k) + 3 * d * f) + v * d
+  attention = cfg.n_layers * 2 * 2 * h * dh * seq_len / 2  # causal: half the QK^T and PV work
+  return 6 * matmul_params + 3 * attention
