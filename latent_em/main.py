@@ -1,0 +1,34 @@
+"""Entry point: `python -m latent_em.main --config=configs/X.py[:variant] --workdir=DIR`.
+
+Fields are overridden on the command line (`--config.optim.lr=3e-4`); `config.job` picks the job.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+  del argv
+  from latent_em import config_lib, jobs, runtime, sharding
+  config = _CONFIG.value
+  try:
+    runtime.validate(config)
+  except config_lib.ConfigError as e:
+    sys.exit(f"config error: {e}")
+  sharding.maybe_initialize_distributed(config.get("distributed", "auto"))
+  logging.info("config:\n%s", config)
+  try:
+    jobs.run(config, _WORKDIR.value)
+  except (config_lib.ConfigError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

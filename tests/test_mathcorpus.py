@@ -1,0 +1,345 @@
+"""Tests for latent_em.data.mathcorpus: the built-in compressed math stories and their oracle."""
+import collections
+import json
+import operator
+import os
+import random
+import re
+
+import hypothesis
+import pytest
+from hypothesis import strategies as st
+
+from latent_em import config_lib
+from latent_em.data import chunking
+from latent_em.data import mathcorpus as mc
+
+SMALL = mc.CorpusConfig(n_warmstart=60, n_bootstrap=120, n_validation=40, n_eval=60, n_fewshot=8)
+OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
+EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.")
+RECALL = re.compile(r"([A-Z][a-z]+) ha[sd] (\d+) ([a-z]+)\.")
+NUMBER = re.compile(r"\d+")
+
+
+@pytest.fixture(scope="module")
+def splits():
+  return mc.make_splits(SMALL)
+
+
+@pytest.fixture(scope="module")
+def docs():
+  rng = random.Random(1234)
+  return [mc.generate_document(rng) for _ in range(400)]
+
+
+def _numbers(text):
+  return [int(x) for x in NUMBER.findall(text)]
+
+
+def _word_numbers(text):
+  """Factors written as words ("twice as many", "half as many")."""
+  words = {"twice": 2, "three times": 3, "four times": 4, "half": 2}
+  return {v for w, v in words.items() if w in text}
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def test_config_rejects_bad_values_with_the_key():
+  with pytest.raises(config_lib.ConfigError, match=r"config\.corpus\.max_steps"):
+    mc.CorpusConfig(max_steps=7)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.corpus\.n_bootstrap"):
+    mc.CorpusConfig(n_bootstrap=-1)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.corpus\.max_operand"):
+    mc.CorpusConfig(max_operand=120, max_value=99)
+  with pytest.raises(config_lib.ConfigError, match=r"did you mean config\.corpus\.n_eval"):
+    mc.make_splits({"n_evals": 3})
+  with pytest.raises(ValueError, match="not one of"):
+    mc.generate_question(random.Random(0), kind="riddle")
+
+
+# ------------------------------------------------------------------------------- splits
+
+
+def test_splits_are_deterministic_and_seeded(splits):
+  assert mc.make_splits(SMALL) == splits
+  other = mc.make_splits(mc.CorpusConfig(**{**SMALL.__dict__, "seed": 1}))
+  for name in splits:
+    assert [r.get("text", r.get("question")) for r in other[name]] != \
+           [r.get("text", r.get("question")) for r in splits[name]], name
+  # Each split has its own stream: resizing one leaves the others as they were.
+  resized = mc.make_splits(mc.CorpusConfig(**{**SMALL.__dict__, "n_warmstart": 10}))
+  assert resized["warmstart"] == splits["warmstart"][:10]
+  assert resized["bootstrap"] == splits["bootstrap"]
+  assert resized["eval"] == splits["eval"]
+
+
+def test_splits_sizes_fields_and_disjointness(splits):
+  assert {k: len(v) for k, v in splits.items()} == {
+      "warmstart": 60, "bootstrap": 120, "validation": 40, "fewshot": 8, "eval": 60}
+  texts = [r["text"] for name in mc.TEXT_SPLITS for r in splits[name]]
+  questions = [r["question"] for name in mc.QA_SPLITS for r in splits[name]]
+  assert len(set(texts)) == len(texts)
+  assert len(set(questions)) == len(questions)
+  ids = [r["id"] for rows in splits.values() for r in rows]
+  assert len(set(ids)) == len(ids)
+  for name in mc.TEXT_SPLITS:
+    assert all(set(r) == {"id", "text"} for r in splits[name])
+  for name in mc.QA_SPLITS:
+    assert all(set(r) == {"id", "question", "solution", "answer", "steps"} for r in splits[name])
+  # Every question kind is demonstrated in the few-shot exemplars.
+  asks = [r["question"].rsplit(". ", 1)[-1] for r in splits["fewshot"]]
+  assert any("do they have together" in a for a in asks)
+  assert any("in each" in a for a in asks)
+  assert any("How many more" in a for a in asks)
+
+
+def test_write_jsonl_round_trips_atomically(splits, tmp_path):
+  paths = mc.write_jsonl(splits, str(tmp_path / "corpus"))
+  assert set(paths) == set(splits)
+  for name, path in paths.items():
+    with open(path, encoding="utf-8") as f:
+      assert [json.loads(line) for line in f] == splits[name]
+  assert sorted(os.listdir(tmp_path / "corpus")) == sorted(f"{n}.jsonl" for n in splits)
+
+
+def test_corpus_stats_counts(splits):
+  stats = mc.corpus_stats(splits)
+  rows = splits["validation"]
+  assert stats["validation"]["docs"] == len(rows)
+  assert stats["validation"]["words"] == sum(len(r["text"].split()) for r in rows)
+  assert stats["validation"]["characters"] == sum(len(r["text"]) for r in rows)
+  n_sent = sum(len(chunking.split_units(r["text"], "sentence")) for r in rows)
+  assert stats["validation"]["sentences"] == n_sent
+  assert 0.25 < stats["validation"]["derived_fraction"] < 0.6
+  assert 1.2 < stats["validation"]["equations_per_derived"] <= SMALL.max_steps
+  assert stats["eval"]["equations_per_answer"] == pytest.approx(
+      sum(r["steps"] for r in splits["eval"]) / len(splits["eval"]))
+
+
+# ------------------------------------------------------------------------------- stories
+
+
+def test_story_shape(docs):
+  for doc in docs:
+    assert "".join(doc.sentences) == doc.text
+    # The project's sentence chunker (DESIGN §3) sees the same sentences.
+    assert chunking.split_units(doc.text, "sentence") == doc.sentences
+    assert len(doc.oracle_thoughts) == len(doc.facts) == len(doc.sentences)
+    assert 4 <= len(doc.sentences) <= 10
+    assert 35 <= len(doc.text.split()) <= 150
+  # Surface variety: many distinct openings and sentence shapes, not a handful of strings.
+  shapes = {re.sub(r"\d+", "N", s.strip()) for doc in docs for s in doc.sentences}
+  assert len(shapes) > 800
+  assert len({doc.sentences[0] for doc in docs}) > 0.9 * len(docs)
+
+
+def test_parser_recovers_the_generated_facts(docs):
+  """The story grammar is unambiguous: parsing the text gives back exactly the facts."""
+  for doc in docs:
+    assert mc.parse_sentences(doc.sentences) == [tuple(r) for r in doc.facts], doc.text
+
+
+def test_oracle_arithmetic_is_correct(docs):
+  n_eq = 0
+  for doc in docs:
+    for thought in doc.oracle_thoughts:
+      if thought is None:
+        continue
+      # A thought is recalled facts and equations, nothing else.
+      assert not RECALL.sub("", EQUATION.sub("", thought)).strip(), thought
+      eqs = EQUATION.findall(thought)
+      assert 1 <= len(eqs) <= mc.CorpusConfig().max_steps
+      for a, op, b, c in eqs:
+        a, b, c = int(a), int(b), int(c)
+        assert OPS[op](a, b) == c, thought
+        if op == "/":
+          assert a % b == 0, thought
+        assert max(a, b, c) <= mc.CorpusConfig().max_value
+        n_eq += 1
+  assert n_eq > 800
+
+
+def test_text_is_compressed_and_the_thought_supplies_the_working(docs):
+  """Each derived number is absent from everything written before it, and the thought computes
+  it with equations whose operands all come from earlier text or earlier working."""
+  n_derived = 0
+  for doc in docs:
+    before = []            # numbers of the raw text so far
+    worked = set()         # numbers written by the previous thoughts
+    for i, (sentence, facts, thought) in enumerate(
+        zip(doc.sentences, doc.facts, doc.oracle_thoughts)):
+      numbers = _numbers(sentence)
+      derived = [f for f in facts if f.kind in mc.DERIVED]
+      assert bool(derived) == (thought is not None), sentence
+      if derived:
+        n_derived += 1
+        value = derived[-1].nums[0]
+        assert numbers[-1] == value
+        assert value not in before and value not in numbers[:-1], (doc.text, sentence)
+        available = (set(before) | set(numbers[:-1]) | worked
+                     | _word_numbers("".join(doc.sentences[:i + 1])))
+        for name, v, _ in RECALL.findall(thought):
+          assert int(v) in available, (doc.text, thought)
+        for a, _, b, c in EQUATION.findall(thought):
+          assert int(a) in available and int(b) in available, (doc.text, thought)
+          available.add(int(c))
+        assert int(EQUATION.findall(thought)[-1][3]) == value
+        worked |= set(_numbers(thought))
+      before += numbers
+  assert n_derived > 0.3 * sum(len(d.sentences) for d in docs)
+
+
+def test_thoughts_make_derived_numbers_predictable(docs, splits):
+  """No neural net: count/copy predictors of each derived number, with and without thoughts.
+
+  A copy model (predict the most recent number in context) never gets a derived number from
+  the raw text, and always gets it when the thought precedes the sentence (the prior form).
+  The best constant guess (unigram of derived numbers on other stories) is rarely right.
+  """
+  train = collections.Counter()
+  for row in splits["warmstart"] + splits["bootstrap"]:
+    sentences = mc.split_sentences(row["text"])
+    train.update(n for n in mc.derived_numbers(sentences) if n is not None)
+  unigram_guess = train.most_common(1)[0][0]
+  hits = collections.Counter()
+  total = 0
+  for doc in docs:
+    context_raw, context_thought = "", ""
+    for sentence, thought, value in zip(doc.sentences, doc.oracle_thoughts,
+                                        mc.derived_numbers(doc.sentences)):
+      if value is not None:
+        total += 1
+        raw = _numbers(context_raw)
+        head = sentence[:sentence.rindex(str(value))]  # the sentence up to the derived number
+        hits["copy_raw"] += bool(raw) and raw[-1] == value
+        hits["copy_any_raw"] += value in raw + _numbers(head)
+        hits["copy_thought"] += _numbers(context_thought + thought)[-1] == value
+        hits["unigram"] += value == unigram_guess
+      context_raw += sentence
+      context_thought += (thought or "") + sentence
+  assert total > 500
+  assert hits["copy_raw"] == hits["copy_any_raw"] == 0
+  assert hits["copy_thought"] == total
+  assert hits["unigram"] / total < 0.1
+
+
+# ------------------------------------------------------------------------------- the oracle
+
+
+def test_oracle_on_hand_written_text():
+  prefix = "Mia has 52 marbles. She gives 5 marbles to her brother."
+  assert mc.oracle_thought(prefix, " Now she has 47 marbles.") == "Mia had 52 marbles. 52 - 5 = 47."
+  assert mc.oracle_thought("", prefix) is None  # given facts only
+  text = ("Mia has 52 marbles. She gives 5 marbles to her brother. Then she buys 3 bags of "
+          "marbles with 6 marbles in each bag. So she has 65 marbles. Tom has 12 fewer marbles "
+          "than Mia. That means nothing. So Tom has 53 marbles. Together Mia and Tom have 118 "
+          "marbles. Mia puts all of her marbles into 5 jars with the same number in each. Each "
+          "jar holds 13 marbles.")
+  # An unparsed sentence ("That means nothing.") carries no facts and breaks nothing.
+  sentences = mc.split_sentences(text)
+  assert mc.sentence_thoughts(sentences) == [
+      None, None, None, "Mia had 52 marbles. 52 - 5 = 47. 3 * 6 = 18. 47 + 18 = 65.", None,
+      None, "Mia has 65 marbles. 65 - 12 = 53.",
+      "Mia has 65 marbles. Tom has 53 marbles. 65 + 53 = 118.", None,
+      "Mia has 65 marbles. 65 / 5 = 13."]
+  # A chunk of several sentences gets the workings of all of them, in order.
+  assert mc.oracle_thought("".join(sentences[:3]), "".join(sentences[3:8])) == (
+      "Mia had 52 marbles. 52 - 5 = 47. 3 * 6 = 18. 47 + 18 = 65. Mia has 65 marbles. "
+      "65 - 12 = 53. Mia has 65 marbles. Tom has 53 marbles. 65 + 53 = 118.")
+  # The start value lies before a truncated prefix: no working rather than wrong working.
+  assert mc.oracle_thought(sentences[1], sentences[2] + sentences[3]) is None
+  # A stated number that contradicts the facts gets no working either.
+  assert mc.oracle_thought(prefix, " Now she has 46 marbles.") is None
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(seed=st.integers(0, 2**32 - 1), cuts=st.lists(st.booleans(), min_size=9,
+                                                                   max_size=9))
+def test_oracle_does_not_depend_on_chunking(seed, cuts):
+  """With the whole story before a chunk as prefix, the oracle gives the chunk the workings of
+  its sentences, however the sentences are grouped; with a truncated prefix, each sentence's
+  working is either the same or absent, never different."""
+  doc = mc.generate_document(random.Random(seed))
+  chunks, current = [], doc.sentences[0]
+  for sentence, cut in zip(doc.sentences[1:], cuts):
+    if cut:
+      chunks.append(current)
+      current = ""
+    current += sentence
+  chunks.append(current)
+  i = 0
+  for k, chunk in enumerate(chunks):
+    n = len(chunking.split_units(chunk, "sentence"))
+    want = [t for t in doc.oracle_thoughts[i:i + n] if t]
+    got = mc.oracle_thought("".join(chunks[:k]), chunk)
+    assert got == (" ".join(want) if want else None)
+    # Teacher prompts with one previous chunk as prefix (DESIGN §3): sentence by sentence, the
+    # working is the full one or missing.
+    before = chunking.split_units("".join(chunks[max(0, k - 1):k]), "sentence")
+    short = mc.sentence_thoughts(before + chunking.split_units(chunk, "sentence"))[len(before):]
+    for piece, full in zip(short, doc.oracle_thoughts[i:i + n]):
+      assert piece is None or piece == full
+    i += n
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+# An independent reader of the question surface form: verbs decide the sign of each change
+# (selling loses items but earns money; buying gains items but spends money).
+_PLUS = {"items": ("found", "bought", "got", "was given"),
+         "money": ("earned", "was given", "worked", "sold")}
+_MINUS = {"items": ("gave", "lost", "sold"), "money": ("spent", "paid", "bought")}
+
+
+def _solve(question):
+  body = question[len("Question: "):question.index("\nAnswer:")]
+  m = re.match(r"(\w+) has (\d+) \w+ and (\w+) has (\d+) \w+\. How many (more )?", body)
+  if m:
+    a, b = int(m.group(2)), int(m.group(4))
+    return a - b if m.group(5) else a + b
+  m = re.match(r"\w+ has (\d+) \w+ and puts them into (\d+) ", body)
+  if m:
+    return int(m.group(1)) // int(m.group(2))
+  sentences = re.split(r"(?<=\.) ", body)
+  m = re.match(r"\w+ ha[sd] (\d+) \w+", sentences[0])
+  value = int(m.group(1))
+  for clause in re.split(r" and |\. Then (?:she|he) |\. ", " ".join(sentences[:-1]))[1:]:
+    clause = clause.rstrip(".")
+    if " has " in clause:  # the relation to the other person
+      k = _numbers(clause)
+      if "twice" in clause or "three times" in clause or "four times" in clause:
+        value *= {"twice": 2, "three times": 3, "four times": 4}[
+            re.search(r"twice|three times|four times", clause).group(0)]
+      elif "half" in clause:
+        value //= 2
+      else:
+        value += k[0] if "more" in clause else -k[0]
+      continue
+    nums = _numbers(clause)
+    if not nums:
+      continue
+    delta = nums[0] * nums[1] if len(nums) == 2 else nums[0]
+    frame = "money" if " dollars" in sentences[0] else "items"
+    if clause.startswith(_MINUS[frame]):
+      value -= delta
+    else:
+      assert clause.startswith(_PLUS[frame]), clause
+      value += delta
+  return value
+
+
+def test_eval_answers_are_correct(splits):
+  for row in splits["eval"] + splits["fewshot"]:
+    assert row["question"].startswith("Question: ") and row["question"].endswith("\nAnswer:")
+    assert int(row["answer"]) == _solve(row["question"]), row
+    eqs = EQUATION.findall(row["solution"])
+    assert len(eqs) == row["steps"] <= SMALL.max_steps
+    for a, op, b, c in eqs:
+      assert OPS[op](int(a), int(b)) == int(c)
+    assert row["solution"] == " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in eqs) + \
+        f" The answer is {row['answer']}."
+    # The answer has to be computed: it is not written in the question.
+    assert row["answer"] not in NUMBER.findall(row["question"])
+  steps = collections.Counter(r["steps"] for r in splits["eval"])
+  assert set(steps) == set(range(1, SMALL.max_steps + 1))
