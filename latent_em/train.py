@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 
 from latent_em import checkpoint, config_lib, io_utils, model as model_lib, optim, runtime
 from latent_em import sharding, train_step as ts
@@ -88,6 +87,8 @@ def load_init_params(path: str, cfg: model_lib.ModelConfig, key: str = "config.t
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains per `config`; returns (and writes WORKDIR/train_summary.json) the final metrics."""
+  from clu import metric_writers
+
   from latent_em.data import pipeline, tasks
 
   cfg_train: TrainConfig = runtime.section(config, "train")
