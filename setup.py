@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.21,<2.22",
     "sympy>=1.12,<2",
     "pyarrow>=14",
+    "scipy>=1.11",
     "absl-py>=2.1",
     "numpy>=1.26,<3",
     "tqdm>=4.66",

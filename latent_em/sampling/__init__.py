@@ -1,0 +1,1 @@
+"""Sampling (prefill + while-loop decode) and teacher-forced scoring."""
