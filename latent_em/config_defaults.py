@@ -10,9 +10,17 @@ import dataclasses
 import ml_collections
 
 
-def _section(cls) -> ml_collections.ConfigDict:
-  values = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+def _to_config(obj) -> ml_collections.ConfigDict:
+  """A dataclass instance as a ConfigDict (nested dataclasses become nested sections)."""
+  values = {}
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    values[f.name] = _to_config(value) if dataclasses.is_dataclass(value) else value
   return ml_collections.ConfigDict(values)
+
+
+def _section(cls) -> ml_collections.ConfigDict:
+  return _to_config(cls())
 
 
 def base() -> ml_collections.ConfigDict:

@@ -12,7 +12,18 @@ def _train(config, workdir):
   return train.run(config, workdir)
 
 
-JOBS: dict[str, Callable[[Any, str], Any]] = {"train": _train}
+def _estep(config, workdir):
+  from latent_em.estep import job
+  return job.run(config, workdir)
+
+
+def _synthesize(config, workdir):
+  from latent_em.synthesis import job
+  return job.run(config, workdir)
+
+
+JOBS: dict[str, Callable[[Any, str], Any]] = {"train": _train, "estep": _estep,
+                                              "synthesize": _synthesize}
 
 
 def run(config, workdir: str) -> Any:

@@ -26,6 +26,8 @@ def _sections() -> dict[str, Any]:
   if not SECTIONS:
     from latent_em import train  # late import: train imports runtime
     from latent_em.data import mathcorpus
+    from latent_em.estep import core as estep_core
+    from latent_em.synthesis import job as synthesis_job
     SECTIONS.update({
         "model": model_lib.ModelConfig,
         "mesh": sharding.MeshConfig,
@@ -35,6 +37,8 @@ def _sections() -> dict[str, Any]:
         "tokenizer": TokenizerConfig,
         "train": train.TrainConfig,
         "corpus": mathcorpus.CorpusConfig,
+        "estep": estep_core.EStepConfig,
+        "synthesis": synthesis_job.SynthesisConfig,
     })
   return SECTIONS
 

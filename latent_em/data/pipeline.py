@@ -47,18 +47,23 @@ def _shard_info(shard_id: Optional[int], num_shards: Optional[int]
 
 
 def _model_features(ex: Mapping[str, tf.Tensor], pack: bool) -> dict[str, tf.Tensor]:
-  """Renames seqio's decoder features; adds segment ids / positions for unpacked rows."""
+  """Renames seqio's decoder features; adds segment ids / positions for unpacked rows.
+
+  seqio leaves one stray id in the padding of `inputs` (a BOS when packed, the shifted-in EOS
+  when not); it is zeroed so that padding is 0 in every feature.
+  """
   targets = ex["decoder_target_tokens"]
   weights = tf.cast(ex["decoder_loss_weights"], tf.float32)
   if pack:
     segment_ids = ex["decoder_segment_ids"]
     positions = ex["decoder_positions"]
+    mask = tf.cast(segment_ids > 0, tf.int32)
   else:
     mask = tf.cast(targets != 0, tf.int32)
     segment_ids = mask
     positions = tf.range(tf.shape(targets)[-1], dtype=tf.int32) * mask
   return {
-      "inputs": tf.cast(ex["decoder_input_tokens"], tf.int32),
+      "inputs": tf.cast(ex["decoder_input_tokens"], tf.int32) * mask,
       "targets": tf.cast(targets, tf.int32),
       "loss_weights": weights,
       "segment_ids": tf.cast(segment_ids, tf.int32),
@@ -80,6 +85,7 @@ def get_dataset(
     num_shards: Optional[int] = None,
     pack: bool = True,
     drop_remainder: bool = True,
+    shuffle_buffer: Optional[int] = None,
 ) -> tf.data.Dataset:
   """Batches of this host's share of a task split.
 
@@ -94,6 +100,8 @@ def get_dataset(
     shard_id, num_shards: this host and the host count (default: jax.process_index/count).
     pack: pack several documents per row (else one document per row, padded).
     drop_remainder: drop a last partial batch (False leaves it short).
+    shuffle_buffer: examples in the shuffle buffer (config.data.shuffle_buffer); None keeps
+      the task's own (register_raw_task's shuffle_buffer_size). Tasks only, not mixtures.
 
   Returns:
     A tf.data.Dataset of dicts with BATCH_KEYS, each [global_batch_size / num_shards, seq_len]:
@@ -101,20 +109,35 @@ def get_dataset(
   """
   _, num_shards, shard_info = _shard_info(shard_id, num_shards)
   batch = host_batch_size(global_batch_size, num_shards)
-  ds = seqio.get_dataset(
-      task_or_mixture_name,
-      task_feature_lengths={"targets": seq_len},
-      feature_converter=seqio.DecoderFeatureConverter(pack=pack, bos_id=bos_id),
-      dataset_split=split,
-      shuffle=shuffle,
-      num_epochs=None if repeat else 1,
-      shard_info=shard_info,
-      seed=seed,
-      verbose=False,
-  )
+  lengths = {"targets": seq_len}
+  converter = seqio.DecoderFeatureConverter(pack=pack, bos_id=bos_id)
+  num_epochs = None if repeat else 1
+  if shuffle_buffer is None:
+    ds = seqio.get_dataset(task_or_mixture_name, task_feature_lengths=lengths,
+                           feature_converter=converter, dataset_split=split, shuffle=shuffle,
+                           num_epochs=num_epochs, shard_info=shard_info, seed=seed,
+                           verbose=False)
+  else:
+    # seqio.get_dataset has no buffer-size argument; this is its body with one.
+    provider = _provider(task_or_mixture_name)
+    if not isinstance(provider, seqio.Task):
+      raise ValueError(f"shuffle_buffer applies to a Task, not the mixture {provider.name!r}; "
+                       "set the buffer size on its tasks")
+    if shuffle_buffer < 1:
+      raise ValueError(f"config.data.shuffle_buffer={shuffle_buffer} must be >= 1")
+    ds = provider.get_dataset(lengths, split=split, shuffle=shuffle,
+                              shuffle_buffer_size=shuffle_buffer, seed=seed,
+                              shard_info=shard_info, num_epochs=num_epochs)
+    ds = converter(ds, task_feature_lengths=lengths)
   ds = ds.map(lambda ex: _model_features(ex, pack), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch, drop_remainder=drop_remainder)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _provider(task_or_mixture_name: TaskOrName) -> Union[seqio.Task, seqio.Mixture]:
+  if isinstance(task_or_mixture_name, str):
+    return seqio.get_mixture_or_task(task_or_mixture_name)
+  return task_or_mixture_name
 
 
 def _reraise(error: tf.errors.OpError) -> None:
@@ -174,15 +197,6 @@ class BatchIterator:
     return cls(dataset_fn, start_batch=int(state["batches_consumed"]))
 
 
-def train_iterator(task_or_mixture_name: TaskOrName, cfg: sources.InputConfig, *, bos_id: int,
-                   start_batch: int = 0, split: str = "train") -> BatchIterator:
-  """The training BatchIterator described by `config.data` (shuffled, repeated, this host)."""
-  def dataset_fn():
-    return get_dataset(task_or_mixture_name, split, cfg.seq_len, cfg.batch_size,
-                       bos_id=bos_id, seed=cfg.seed, pack=cfg.pack)
-  return BatchIterator(dataset_fn, start_batch=start_batch)
-
-
 def iterate_eval(
     task_or_mixture_name: TaskOrName,
     split: str,
@@ -225,8 +239,7 @@ def count_tokens(
   Packing and splitting of long documents neither add nor drop tokens, so this is the number of
   loss-bearing tokens one epoch yields at any seq_len. A mixture counts each of its tasks once.
   """
-  provider = (seqio.get_mixture_or_task(task_or_mixture_name)
-              if isinstance(task_or_mixture_name, str) else task_or_mixture_name)
+  provider = _provider(task_or_mixture_name)
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   info = seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None
   total = 0

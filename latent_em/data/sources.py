@@ -34,6 +34,7 @@ from latent_em import formats
 
 POLICIES = ("skip", "fail")
 TFDS_PREFIX = "tfds:"
+BUILTIN_PREFIX = "builtin:"  # project corpora; runtime.resolve_files turns them into JSONL paths
 _FIX_POLICY = 'or set config.data.on_bad_input="skip" to skip such records'
 
 
@@ -42,7 +43,8 @@ class InputConfig:
   """`config.data`: where raw text comes from and how it becomes batches.
 
   Each file entry is a path or glob of JSONL (`.jsonl`, `.jsonl.gz`), a TFRecord of
-  tf.train.Example (`*.tfrecord*`, optionally `.gz`), or one `tfds:NAME[/CONFIG]:SPLIT` spec.
+  tf.train.Example (`*.tfrecord*`, optionally `.gz`), one `tfds:NAME[/CONFIG]:SPLIT` spec, or
+  a `builtin:` corpus (resolved to JSONL files by runtime.resolve_files).
   `batch_size` is global: each of the N hosts gets batch_size / N sequences.
   """
   train_files: tuple[str, ...] = ()
@@ -71,6 +73,8 @@ class InputConfig:
     config_lib.check(bool(self.text_field), "config.data.text_field", "must not be empty")
     for key in ("train_files", "validation_files"):
       for i, spec in enumerate(getattr(self, key)):
+        if _is_glob(spec) or spec.startswith(BUILTIN_PREFIX):
+          continue  # checked when listed / materialised as JSONL by runtime.resolve_files
         try:
           file_kind(spec)
         except ValueError as e:
@@ -102,8 +106,9 @@ def find_bad_input_error(message: str) -> BadInputError | None:
   return None
 
 
-_CATEGORIES = ("malformed_json", "malformed_record", "missing_field", "non_string_field",
-               "invalid_utf8", "empty", "too_long", "latent_token")
+# The bad-input categories, in the order of the module docstring.
+CATEGORIES = ("malformed_json", "malformed_record", "missing_field", "non_string_field",
+              "invalid_utf8", "empty", "too_long", "latent_token")
 
 
 @dataclasses.dataclass
@@ -139,20 +144,24 @@ class InputStats:
 
   @property
   def skipped(self) -> int:
-    return sum(getattr(self, c) for c in _CATEGORIES)
+    return sum(getattr(self, c) for c in CATEGORIES)
 
   def summary(self) -> dict[str, int]:
     with self._lock:
       out = {"docs_read": self.docs_read, "docs_kept": self.docs_kept}
-      out.update({c: getattr(self, c) for c in _CATEGORIES})
-    out["skipped"] = sum(out[c] for c in _CATEGORIES)
+      out.update({c: getattr(self, c) for c in CATEGORIES})
+    out["skipped"] = sum(out[c] for c in CATEGORIES)
     return out
 
   def log(self) -> None:
     s = self.summary()
-    bad = ", ".join(f"{c}={s[c]}" for c in _CATEGORIES if s[c])
+    bad = ", ".join(f"{c}={s[c]}" for c in CATEGORIES if s[c])
     logging.info("input: read %d records, kept %d, skipped %d%s", s["docs_read"],
                  s["docs_kept"], s["skipped"], f" ({bad})" if bad else "")
+
+
+def _is_glob(spec: str) -> bool:
+  return not spec.startswith(TFDS_PREFIX) and any(c in spec for c in "*?[")
 
 
 def file_kind(spec: str) -> str:
@@ -191,7 +200,7 @@ def expand_files(specs: tuple[str, ...] | list[str], config_key: str) -> list[st
   for i, spec in enumerate(specs):
     key = f"{config_key}[{i}]"
     try:
-      kind = file_kind(spec)
+      kind = "glob" if _is_glob(spec) else file_kind(spec)
     except ValueError as e:
       raise ValueError(f"{key}: {e}") from None
     if kind == "tfds":

@@ -188,7 +188,8 @@ def register_raw_task(
     config_keys: split -> the config key its files came from, used in error messages.
 
   Returns:
-    The task; its source's InputStats are `task.source.stats`. Output feature "targets" holds
+    The task. `task.source.stats` (InputStats) counts records over every pass and split read
+    through it (log it with `.log()`). Output feature "targets" holds
     int32 token ids [n <= seq_len] ending with EOS (unless a long document was split).
   """
   config_keys = dict(config_keys or {})
@@ -202,7 +203,7 @@ def register_raw_task(
     if "tfds" in kinds and len(expanded) > 1:
       raise ValueError(f"{key}: a tfds spec must be the only entry of its split, got {specs}")
     if "tfds" in kinds:
-      _check_tfds_prepared(expanded[0], tfds_data_dir, key)
+      expanded = [_check_tfds_prepared(expanded[0], tfds_data_dir, key)]
     split_files[split] = expanded
   if not split_files:
     keys = ", ".join(config_keys.get(s, f"files[{s!r}]") for s in files) or "files"
@@ -243,9 +244,11 @@ def register_from_config(name: str, cfg: sources.InputConfig,
   )
 
 
-def _check_tfds_prepared(spec: str, data_dir: Optional[str], key: str) -> None:
+def _check_tfds_prepared(spec: str, data_dir: Optional[str], key: str) -> str:
+  """Checks that a tfds spec's dataset is prepared; returns the spec with its version pinned
+  (seqio needs NAME:VERSION, and pinning keeps every host on the same data)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  name, _ = sources.parse_tfds_spec(spec)
+  name, split = sources.parse_tfds_spec(spec)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
     prepared = builder.is_prepared()
@@ -255,3 +258,6 @@ def _check_tfds_prepared(spec: str, data_dir: Optional[str], key: str) -> None:
     raise FileNotFoundError(
         f"{key}={spec!r}: TFDS dataset {name!r} is not prepared in {builder.data_dir}; build "
         "it first (e.g. `tfds build`) or point tfds_data_dir at it")
+  if ":" not in name:
+    name = f"{name}:{builder.version}"
+  return f"{sources.TFDS_PREFIX}{name}:{split}"
