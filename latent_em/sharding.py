@@ -104,10 +104,10 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch arrays [B, T]: batch split over the data-parallel axes."""
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batch arrays [B, ...]: the leading dim split over the data-parallel axes."""
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  return NamedSharding(mesh, P(axes, None))
+  return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -120,8 +120,8 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each host's slice of the global batch into global sharded arrays."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
+          for k, v in batch.items()}
 
 
 def maybe_initialize_distributed(mode: str = "auto") -> None:
