@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 
+import logging as py_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,8 +16,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_library_info(record) -> bool:
+  """Keeps Orbax's per-save INFO chatter out of the console (warnings still show)."""
+  return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv) -> None:
   del argv
+  logging.get_absl_handler().addFilter(_quiet_library_info)
   from latent_em import config_lib, jobs, runtime, sharding
   config = _CONFIG.value
   try:

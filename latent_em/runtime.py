@@ -54,7 +54,10 @@ class TokenizerConfig:
   train_docs: int = 20000        # documents read to train it
 
   def __post_init__(self):
-    config_lib.check(self.vocab_size >= 64, "config.tokenizer.vocab_size", "must be >= 64")
+    # 256 byte pieces + specials + the corpus' characters must fit.
+    config_lib.check(self.vocab_size >= 300, "config.tokenizer.vocab_size",
+                     f"{self.vocab_size} is too small: byte fallback alone needs 264 pieces "
+                     "plus one per distinct character; use >= 300")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -173,42 +173,47 @@ def run(config, workdir: str) -> dict[str, Any]:
   eval_nll = None
   t_log, tokens_since = time.perf_counter(), 0.0
   train_start = time.perf_counter()
-  for step in range(start, cfg_train.steps):
-    batch = sharding.host_to_global(next(batches), mesh)
-    state, metrics = step_fn(state, batch)
-    pending.append(metrics)
-    done = step + 1
-    if done % cfg_train.log_every == 0 or done == cfg_train.steps:
-      fetched = jax.device_get(pending)
-      for i, m in enumerate(fetched):
-        if not m["finite"]:
-          raise NonFiniteLossError(
-              f"loss or gradients became NaN/Inf at step {done - len(fetched) + i + 1} "
-              f"(loss={m['loss']}); lower config.optim.lr or check the data")
-      now = time.perf_counter()
-      tokens = sum(float(m["tokens"]) for m in fetched)
-      tokens_padded = len(fetched) * cfg_data.batch_size * cfg_data.seq_len
-      tokens_since += tokens
-      elapsed = now - t_log
-      scalars = {
-          "train/loss": float(np.mean([m["loss"] for m in fetched])),
-          "train/grad_norm": float(fetched[-1]["grad_norm"]),
-          "train/lr": float(fetched[-1]["lr"]),
-          "perf/tokens_per_s": tokens_padded / elapsed,
-          "perf/real_tokens_per_s": tokens / elapsed,
-      }
-      if peak:
-        scalars["perf/mfu"] = (tokens_padded * flops_per_token / elapsed
-                               / (peak * jax.device_count()))
-      writer.write_scalars(done, scalars)
-      last = {k.split("/")[-1]: v for k, v in scalars.items()}
-      bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", tok_s=f"{scalars['perf/tokens_per_s']:.0f}")
-      pending, t_log = [], now
-    bar.update(1)
-    if eval_fn and cfg_train.eval_every and done % cfg_train.eval_every == 0 and done != cfg_train.steps:
-      eval_nll = evaluate(state.params)
-      writer.write_scalars(done, {"eval/nll_per_token": eval_nll})
-    ckpt.save(done, state, batches.get_state(), force=done == cfg_train.steps)
+  try:
+    for step in range(start, cfg_train.steps):
+      batch = sharding.host_to_global(next(batches), mesh)
+      state, metrics = step_fn(state, batch)
+      pending.append(metrics)
+      done = step + 1
+      if done % cfg_train.log_every == 0 or done == cfg_train.steps:
+        fetched = jax.device_get(pending)
+        for i, m in enumerate(fetched):
+          if not m["finite"]:
+            raise NonFiniteLossError(
+                f"loss or gradients became NaN/Inf at step {done - len(fetched) + i + 1} "
+                f"(loss={m['loss']}); lower config.optim.lr or check the data")
+        now = time.perf_counter()
+        tokens = sum(float(m["tokens"]) for m in fetched)
+        tokens_padded = len(fetched) * cfg_data.batch_size * cfg_data.seq_len
+        tokens_since += tokens
+        elapsed = now - t_log
+        scalars = {
+            "train/loss": float(np.mean([m["loss"] for m in fetched])),
+            "train/grad_norm": float(fetched[-1]["grad_norm"]),
+            "train/lr": float(fetched[-1]["lr"]),
+            "perf/tokens_per_s": tokens_padded / elapsed,
+            "perf/real_tokens_per_s": tokens / elapsed,
+        }
+        if peak:
+          scalars["perf/mfu"] = (tokens_padded * flops_per_token / elapsed
+                                 / (peak * jax.device_count()))
+        writer.write_scalars(done, scalars)
+        last = {k.split("/")[-1]: v for k, v in scalars.items()}
+        bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", tok_s=f"{scalars['perf/tokens_per_s']:.0f}")
+        pending, t_log = [], now
+      bar.update(1)
+      if eval_fn and cfg_train.eval_every and done % cfg_train.eval_every == 0 and done != cfg_train.steps:
+        eval_nll = evaluate(state.params)
+        writer.write_scalars(done, {"eval/nll_per_token": eval_nll})
+        t_log = time.perf_counter()  # keep eval time out of the throughput numbers
+      ckpt.save(done, state, batches.get_state(), force=done == cfg_train.steps)
+  except BaseException:
+    ckpt.close()  # let an in-flight async save commit before unwinding
+    raise
   bar.close()
   if eval_fn:
     eval_nll = evaluate(state.params)

@@ -1,0 +1,343 @@
+"""seqio Tasks over thought-augmented documents: the M-step's training data (DESIGN.md §2).
+
+A thought task reads DocRecord shards (records.py) and lays each document out in one of the
+formats.DocFormat layouts; the text then goes through the raw-text preprocessing of tasks.py
+(tokenize, append EOS, split into pieces of at most seq_len tokens). BOS is added by the feature
+converter (pipeline.py).
+
+Randomness is a function of (document id, epoch, seed) only, through a stable hash (blake2b),
+never Python's hash() or tf.random: the same document gets the same layout in every run, on
+every host, whatever the shuffling. `coin_flips` picks prior (True) or posterior form per chunk;
+`use_raw` picks the documents sent through as raw text (`mix_in_raw_ratio`).
+
+Epochs. pipeline.get_dataset repeats a task with seqio's `num_epochs`, and seqio applies the
+repeat *inside* Task.get_dataset: after the source, before the preprocessors (a task with no
+CacheDatasetPlaceholder runs all of them after the repeat). The source therefore numbers the
+records of each pass (`position`, 0 for the first record this host reads in a pass); the first
+preprocessor scans the repeated stream and increments the epoch at every position 0. The epoch
+is thus "the number of completed passes over this host's share of the split", counted from 0;
+it restarts at 0 whenever a dataset is built, so resuming by skipping batches
+(BatchIterator) replays the same epochs. The layout step is a tf.numpy_function that calls
+`layout_document`, so the TF path and the Python reference are the same code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from latent_em import config_lib
+from latent_em import formats
+from latent_em.data import records
+from latent_em.data import tasks
+
+_FORMATS = tuple(f.value for f in formats.DocFormat)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThoughtDataConfig:
+  """`config.mstep_data`: how thought-augmented documents are laid out for training."""
+  format: str = "random"            # a formats.DocFormat value
+  mix_in_raw_ratio: float = 0.0     # fraction of documents sent through as raw text
+  seed: int = 0                     # seeds coin flips and raw-document choice (not shuffling)
+  drop_thoughtless_chunks: bool = False  # False: a chunk whose thought is None stays raw text
+
+  def __post_init__(self):
+    config_lib.check(self.format in _FORMATS, "config.mstep_data.format",
+                     f"{self.format!r} is not one of {list(_FORMATS)}")
+    config_lib.check(0.0 <= self.mix_in_raw_ratio <= 1.0, "config.mstep_data.mix_in_raw_ratio",
+                     f"{self.mix_in_raw_ratio} must be in [0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic choices and the Python reference layout.
+
+
+def _unit(kind: str, doc_id: str, epoch: int, seed: int, index: int) -> float:
+  """A uniform number in [0, 1) from blake2b("{kind}\\0{seed}\\0{epoch}\\0{index}\\0{doc_id}")."""
+  key = f"{kind}\0{int(seed)}\0{int(epoch)}\0{int(index)}\0{doc_id}".encode("utf-8")
+  return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2.0**64
+
+
+def coin_flips(doc_id: str, n_chunks: int, epoch: int, seed: int) -> list[bool]:
+  """Per-chunk form for DocFormat.RANDOM: True = prior form, each with probability 1/2.
+
+  Chunk i's flip depends only on (doc_id, epoch, seed, i), so it does not change with the
+  number of chunks, and flips are independent across chunks, epochs and seeds.
+  """
+  return [_unit("flip", doc_id, epoch, seed, i) < 0.5 for i in range(n_chunks)]
+
+
+def use_raw(doc_id: str, epoch: int, seed: int, ratio: float) -> bool:
+  """Whether this document goes through as raw text this epoch (probability `ratio`)."""
+  return _unit("raw", doc_id, epoch, seed, 0) < ratio
+
+
+def layout_document(
+    rec: records.DocRecord,
+    fmt: formats.DocFormat | str,
+    *,
+    epoch: int,
+    seed: int,
+    mix_in_raw_ratio: float = 0.0,
+    drop_thoughtless_chunks: bool = False,
+) -> str:
+  """The text a thought task trains on for one record in one epoch (no BOS/EOS).
+
+  RAW, and documents picked by `use_raw`, give `rec.text`; PURE gives the record's thoughts
+  joined; the other formats lay out each chunk's suffix with its thought (formats.document). A
+  chunk without a thought stays raw text, or is left out with `drop_thoughtless_chunks`.
+  An empty result (e.g. PURE with no thoughts) is not trained on.
+  """
+  fmt = formats.DocFormat(fmt)
+  if fmt == formats.DocFormat.RAW or (
+      mix_in_raw_ratio > 0 and use_raw(rec.doc_id, epoch, seed, mix_in_raw_ratio)):
+    return rec.text
+  chunks = [c.suffix for c in rec.chunks]
+  thoughts = [c.thought for c in rec.chunks]
+  # Flips are drawn for every chunk position, so dropping a chunk does not shift the others'.
+  flips = coin_flips(rec.doc_id, len(chunks), epoch, seed)
+  if drop_thoughtless_chunks:
+    keep = [t is not None for t in thoughts]
+    chunks, thoughts, flips = ([v for v, k in zip(seq, keep) if k]
+                               for seq in (chunks, thoughts, flips))
+  return formats.document(chunks, thoughts, fmt,
+                          flips if fmt == formats.DocFormat.RANDOM else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The seqio source and task.
+
+
+def _expand_record_files(specs: str | Sequence[str], key: str) -> list[str]:
+  """Paths / globs -> DocRecord shard paths; errors name `key`."""
+  specs = [specs] if isinstance(specs, str) else list(specs)
+  try:
+    # records' expansion also stops when a glob misses a shard of an -i-of-n set.
+    paths = records._expand(specs)  # pylint: disable=protected-access
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{key}: {e}") from None
+  for path in paths:
+    if ".tfrecord" not in path.rsplit("/", 1)[-1]:
+      raise ValueError(
+          f"{key}: {path!r} is not a DocRecord TFRecord shard (*.tfrecord); convert JSONL "
+          f"with latent_em.data.records.from_jsonl(jsonl, out_prefix, num_shards)")
+  return paths
+
+
+class ThoughtRecordSource(seqio.DataSource):
+  """Streams serialized DocRecords as {"record", "file", "index", "position"}.
+
+  record: tf.string [] (a serialized tf.train.Example); file: tf.string [] its shard; index:
+  tf.int64 [] its index in that file; position: tf.int64 [], the record's rank in this pass
+  over this host's share (0 starts a pass; the epoch counter relies on it).
+
+  Sharding (`shard_info`): with at least as many files as shards each host reads whole files
+  (file i goes to host i % num_shards); otherwise every host reads every file and keeps the
+  records whose index in their file % num_shards is its own (independent of file order).
+  """
+
+  def __init__(self, split_files: Mapping[str, Sequence[str]]):
+    self._files = {k: list(v) for k, v in split_files.items()}
+    super().__init__(splits=tuple(self._files), caching_permitted=False)
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return self._files[split]
+
+  def get_dataset(
+      self,
+      split: str = "train",
+      shuffle: bool = True,
+      seed: Optional[int] = None,
+      shard_info: Optional[seqio.ShardInfo] = None,
+      *,
+      sequence_length: Optional[Mapping[str, int]] = None,  # unused
+      use_cached: bool = False,  # unused
+      num_epochs: Optional[int] = 1,  # unused: the task repeats the source
+  ) -> tf.data.Dataset:
+    if split not in self._files:
+      raise ValueError(f"split {split!r} has no record files; known splits: {list(self._files)}")
+    files = self._files[split]
+    index, num = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
+    rec_index, rec_num = 0, 1
+    if num > 1:
+      if len(files) >= num:
+        files = files[index::num]
+      else:
+        rec_index, rec_num = index, num
+    files_ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+      files_ds = files_ds.shuffle(len(files), seed=seed)
+
+    def read_file(path):
+      ds = tf.data.TFRecordDataset(path).enumerate().shard(rec_num, rec_index)
+      return ds.map(lambda i, r: {"record": r, "file": path, "index": i})
+
+    ds = files_ds.interleave(read_file, cycle_length=min(len(files), 8), block_length=1,
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.enumerate().map(lambda pos, ex: dict(ex, position=pos))
+
+
+def count_epochs(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Adds "epoch" (tf.int64 []): 0 for the first pass, +1 at each record with position 0."""
+  def step(epoch, ex):
+    epoch = epoch + tf.cast(tf.equal(ex["position"], 0), tf.int64)
+    return epoch, {"record": ex["record"], "file": ex["file"], "index": ex["index"],
+                   "epoch": epoch}
+  return dataset.scan(tf.constant(-1, tf.int64), step)
+
+
+def lay_out(dataset: tf.data.Dataset, *, fmt: str, seed: int, mix_in_raw_ratio: float,
+            drop_thoughtless_chunks: bool) -> tf.data.Dataset:
+  """{"record", "file", "index", "epoch"} -> {"targets": tf.string []}; empty layouts dropped."""
+  def text(serialized: bytes, file: bytes, index: np.int64, epoch: np.int64) -> bytes:
+    rec = records.from_example(serialized, f"{file.decode()}: record {int(index)}")
+    return layout_document(rec, fmt, epoch=int(epoch), seed=seed,
+                           mix_in_raw_ratio=mix_in_raw_ratio,
+                           drop_thoughtless_chunks=drop_thoughtless_chunks).encode("utf-8")
+
+  def to_text(ex):
+    out = tf.numpy_function(text, [ex["record"], ex["file"], ex["index"], ex["epoch"]],
+                            Tout=tf.string, stateful=False)
+    return {"targets": tf.ensure_shape(out, [])}
+
+  dataset = dataset.map(to_text, num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.filter(lambda ex: tf.strings.length(ex["targets"]) > 0)
+
+
+def register_thought_task(
+    name: str,
+    record_files: Mapping[str, Sequence[str]],
+    vocabulary: seqio.Vocabulary,
+    *,
+    fmt: formats.DocFormat | str = "random",
+    mix_in_raw_ratio: float = 0.0,
+    seed: int = 0,
+    drop_thoughtless_chunks: bool = False,
+    shuffle_buffer_size: int = 10000,
+    config_keys: Optional[Mapping[str, str]] = None,
+) -> seqio.Task:
+  """Registers (replacing any task of that name) a seqio Task over DocRecord shards.
+
+  Args:
+    name: the seqio task name.
+    record_files: split -> DocRecord TFRecord paths / globs (a glob over `-i-of-n` shards must
+      find all n). Splits with no entries are left out.
+    vocabulary: `Tokenizer.vocabulary` (encodes each latent token as one id); its EOS ends
+      every document.
+    fmt, mix_in_raw_ratio, seed, drop_thoughtless_chunks: see ThoughtDataConfig and
+      `layout_document`.
+    shuffle_buffer_size: the example shuffle buffer used when the task is shuffled.
+    config_keys: split -> the config key its files came from, used in error messages.
+
+  Returns:
+    The task. Output feature "targets": int32 token ids [n <= seq_len], the tokens of
+    `layout_document(rec, fmt, epoch=e, ...)` followed by EOS, split into consecutive pieces
+    of seq_len tokens when longer (seq_len = the task feature length given at get_dataset).
+  """
+  cfg = ThoughtDataConfig(format=formats.DocFormat(fmt).value,
+                          mix_in_raw_ratio=float(mix_in_raw_ratio), seed=int(seed),
+                          drop_thoughtless_chunks=bool(drop_thoughtless_chunks))
+  config_keys = dict(config_keys or {})
+  split_files = {split: _expand_record_files(specs, config_keys.get(split, f"files[{split!r}]"))
+                 for split, specs in record_files.items() if specs}
+  if not split_files:
+    keys = ", ".join(config_keys.get(s, f"record_files[{s!r}]") for s in record_files)
+    raise ValueError(f"thought task {name!r} has no record files: set {keys or 'record_files'}")
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(
+      name,
+      source=ThoughtRecordSource(split_files),
+      preprocessors=[
+          count_epochs,
+          functools.partial(lay_out, fmt=cfg.format, seed=cfg.seed,
+                            mix_in_raw_ratio=cfg.mix_in_raw_ratio,
+                            drop_thoughtless_chunks=cfg.drop_thoughtless_chunks),
+          functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+          seqio.preprocessors.append_eos,
+          tasks.split_to_sequence_length,
+      ],
+      output_features={"targets": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)},
+      shuffle_buffer_size=shuffle_buffer_size,
+  )
+
+
+def register_from_config(name: str, cfg: ThoughtDataConfig,
+                         record_files: Mapping[str, Sequence[str]],
+                         vocabulary: seqio.Vocabulary, **kwargs) -> seqio.Task:
+  """register_thought_task with the layout settings of `config.mstep_data`."""
+  return register_thought_task(
+      name, record_files, vocabulary, fmt=cfg.format, mix_in_raw_ratio=cfg.mix_in_raw_ratio,
+      seed=cfg.seed, drop_thoughtless_chunks=cfg.drop_thoughtless_chunks, **kwargs)
+
+
+def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]]) -> seqio.Mixture:
+  """Registers (replacing any mixture of that name) a mixture sampling tasks by rate.
+
+  Rates are relative numbers of *examples* (documents, or pieces of split documents).
+  """
+  known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+  if not tasks_and_rates:
+    raise ValueError(f"mixture {name!r}: give at least one (task name, rate) pair")
+  for task_name, rate in tasks_and_rates:
+    if task_name not in known:
+      raise ValueError(f"mixture {name!r}: no registered task or mixture {task_name!r}; "
+                       f"register it first (register_thought_task / tasks.register_raw_task)")
+    if not rate > 0:
+      raise ValueError(f"mixture {name!r}: rate {rate!r} of {task_name!r} must be > 0")
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  return seqio.MixtureRegistry.add(name, [(t, float(r)) for t, r in tasks_and_rates])
+
+
+# ---------------------------------------------------------------------------------------------
+# Token accounting.
+
+
+def thought_token_stats(record_files: str | Sequence[str], tokenizer, *, seed: int = 0,
+                        epoch: int = 0, drop_thoughtless_chunks: bool = False) -> dict:
+  """Token counts of a record set, for deriving token budgets (one pass, Python tokenizer).
+
+  Args:
+    record_files: DocRecord TFRecord paths / globs.
+    tokenizer: a latent_em.tokenizer.Tokenizer.
+    seed, epoch: the coin flips used for the "random" count.
+    drop_thoughtless_chunks: as in layout_document.
+
+  Returns:
+    {"documents", "chunks", "chunks_with_thought": counts,
+     "raw_tokens": tokens of the documents' text (no EOS),
+     "thought_tokens": tokens of all thoughts (no latent tokens),
+     "total_tokens": {format: training tokens of one epoch, EOS included}} where the last
+    equals pipeline.count_tokens of a thought task with that format (and seed, at epoch 0);
+    mix_in_raw_ratio r gives about (1 - r) * total_tokens[fmt] + r * total_tokens["raw"].
+  """
+  paths = _expand_record_files(record_files, "record_files")
+  stats = {"documents": 0, "chunks": 0, "chunks_with_thought": 0, "raw_tokens": 0,
+           "thought_tokens": 0}
+  totals = {f: 0 for f in _FORMATS}
+  for rec in records.read_records(paths):
+    stats["documents"] += 1
+    stats["chunks"] += len(rec.chunks)
+    stats["raw_tokens"] += len(tokenizer.encode(rec.text))
+    for c in rec.chunks:
+      if c.thought is not None:
+        stats["chunks_with_thought"] += 1
+        stats["thought_tokens"] += len(tokenizer.encode(c.thought))
+    for f in _FORMATS:
+      text = layout_document(rec, f, epoch=epoch, seed=seed,
+                             drop_thoughtless_chunks=drop_thoughtless_chunks)
+      if text:
+        totals[f] += len(tokenizer.encode(text)) + 1  # + EOS
+  stats["total_tokens"] = totals
+  return stats
