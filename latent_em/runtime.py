@@ -26,6 +26,7 @@ def _sections() -> dict[str, Any]:
   if not SECTIONS:
     from latent_em import train  # late import: train imports runtime
     from latent_em.data import mathcorpus
+    from latent_em.data import thought_tasks
     from latent_em.estep import core as estep_core
     from latent_em.synthesis import job as synthesis_job
     SECTIONS.update({
@@ -38,6 +39,7 @@ def _sections() -> dict[str, Any]:
         "train": train.TrainConfig,
         "corpus": mathcorpus.CorpusConfig,
         "estep": estep_core.EStepConfig,
+        "mstep_data": thought_tasks.ThoughtDataConfig,
         "synthesis": synthesis_job.SynthesisConfig,
     })
   return SECTIONS

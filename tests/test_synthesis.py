@@ -14,7 +14,7 @@ import pytest
 from latent_em import config_lib, formats
 from latent_em.data import records, sources
 from latent_em.synthesis import api_backend, cache as cache_lib, job, prompts
-from latent_em.synthesis.backend import LocalBackend, Request, Result
+from latent_em.synthesis.backend import Request, Result
 
 # ----------------------------------------------------------------------------- fake server
 
@@ -316,12 +316,52 @@ def test_retry_after_header_forms():
   assert api_backend.retry_after_s({"retry-after": "soon"}) is None
 
 
-def test_local_backend_says_what_it_needs():
-  with pytest.raises(config_lib.ConfigError, match=r"latent_em\.sampling"):
-    LocalBackend()
-  cfg = config_lib.from_config(job.SynthesisConfig, {"backend": "local"}, "config.synthesis")
-  with pytest.raises(config_lib.ConfigError, match=r"latent_em\.sampling"):
-    job.make_backend(cfg)
+def test_local_backend_generates_with_our_sampler(tmp_path):
+  """backend="local": greedy text from a checkpoint equals a manual greedy loop over forward."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from latent_em import model as model_lib
+  from latent_em.synthesis.local_backend import LocalBackend, render_messages
+  from test_estep import MODEL, make_assets
+  corpus, tok, model_cfg, params = make_assets(str(tmp_path))
+  backend = LocalBackend(model_cfg, params, tok, checkpoint="ckpt", temperature=0.0,
+                         max_tokens=6, batch_size=2)
+  reqs = [Request(tuple(prompts.build_messages("latent_thoughts", "", f"Fact {i}.")), f"r{i}")
+          for i in range(3)]
+  results = backend.generate(reqs)
+  assert len(results) == 3 and backend.stats.requests_sent == 3
+  banned = set(tok.latent_ids.values())
+  ids = tok.encode(render_messages(reqs[1].messages), bos=True)
+  expect = []
+  for _ in range(6):
+    logits = model_lib.forward(model_cfg, params, jnp.asarray([ids]))[0, -1]
+    logits = logits.at[jnp.asarray(sorted(banned | {tok.bos_id, tok.pad_id}
+                                          | set(range(tok.vocab_size, model_cfg.vocab_size))))
+                       ].set(-1e30)
+    nxt = int(jnp.argmax(logits))
+    if nxt == tok.eos_id:
+      break
+    expect.append(nxt)
+    ids = ids + [nxt]
+  assert results[1].text == tok.decode(expect).strip() or results[1].error == "empty"
+
+
+@pytest.mark.slow
+def test_local_backend_job(tmp_path):
+  """The synthesize job with backend="local": config.synthesis.model names the checkpoint."""
+  import ml_collections
+  from test_estep import MODEL, make_assets
+  corpus, tok, model_cfg, params = make_assets(str(tmp_path))
+  config = {"synthesis": {"backend": "local", "model": os.path.join(str(tmp_path), "params"),
+                          "temperature": 0.0, "max_tokens": 6, "input_files": [corpus],
+                          "docs_per_shard": 3, "chunking": CHUNKING},
+            "model": ml_collections.ConfigDict(dict(vocab_size=384, **MODEL)).to_dict(),
+            "tokenizer": {"path": os.path.join(str(tmp_path), "tokenizer.model")}}
+  summary = job.run(ml_collections.ConfigDict(config), str(tmp_path / "work"))
+  assert summary["docs"] == 6 and summary["chunks"] >= 6
+  recs = shard_records(str(tmp_path / "work"), 2)
+  assert all(formats.SOL not in (c.thought or "") for r in recs for c in r.chunks)
 
 
 # ----------------------------------------------------------------------------- cache

@@ -14,6 +14,9 @@ costs as much input processing as the skipped batches), but needs no saved tf.da
 """
 from __future__ import annotations
 
+import atexit
+import gc
+import weakref
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import jax
@@ -148,16 +151,39 @@ def _reraise(error: tf.errors.OpError) -> None:
   raise error
 
 
-def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-  it = ds.as_numpy_iterator()
-  while True:
+class _NumpyBatches:
+  """A dataset's numpy iterator that re-raises bad-input errors and is closed at exit."""
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._it = ds.as_numpy_iterator()
+    _LIVE.add(self)
+
+  def __iter__(self) -> "_NumpyBatches":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._it is None:
+      raise StopIteration
     try:
-      batch = next(it)
-    except StopIteration:
-      return
+      return next(self._it)
     except tf.errors.OpError as e:
       _reraise(e)
-    yield batch
+
+  def close(self) -> None:
+    self._it = None
+
+
+_LIVE: "weakref.WeakSet[_NumpyBatches]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_iterators() -> None:
+  # A tf.data iterator over a Python generator (our file sources) that is destroyed during
+  # interpreter shutdown can deadlock the process (TF issue #22632: the generator's finalizer
+  # needs Python). Destroy the iterators while Python is still fully alive.
+  for batches in list(_LIVE):
+    batches.close()
+  gc.collect()
 
 
 class BatchIterator:
@@ -175,7 +201,7 @@ class BatchIterator:
     ds = dataset_fn()
     if start_batch:
       ds = ds.skip(start_batch)
-    self._batches = _numpy_batches(ds)
+    self._batches = _NumpyBatches(ds)
 
   def __iter__(self) -> "BatchIterator":
     return self
@@ -219,7 +245,7 @@ def iterate_eval(
                    num_shards=num_shards, pack=pack, drop_remainder=False)
   _, num_shards, _ = _shard_info(shard_id, num_shards)
   rows = host_batch_size(global_batch_size, num_shards)
-  for batch in _numpy_batches(ds):
+  for batch in _NumpyBatches(ds):
     n = batch["targets"].shape[0]
     if n < rows:
       batch = {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)])

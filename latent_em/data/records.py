@@ -303,7 +303,7 @@ def write_sharded(records: Iterable[DocRecord], prefix: str, num_shards: int) ->
   return count
 
 
-def _expand(paths_or_glob: str | Sequence[str]) -> list[str]:
+def expand_paths(paths_or_glob: str | Sequence[str]) -> list[str]:
   """Expands paths and globs, in order.
 
   A glob that matches `-i-of-n` shards must match all n of them: a shard missing from a glob
@@ -336,7 +336,7 @@ def _expand(paths_or_glob: str | Sequence[str]) -> list[str]:
 
 def read_records(paths_or_glob: str | Sequence[str]) -> Iterator[DocRecord]:
   """Yields the DocRecords of the given files (paths or globs), file by file, in order."""
-  for path in _expand(paths_or_glob):
+  for path in expand_paths(paths_or_glob):
     index = -1
     try:
       for index, serialized in enumerate(tf.data.TFRecordDataset(path).as_numpy_iterator()):

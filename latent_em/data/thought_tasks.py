@@ -119,7 +119,7 @@ def _expand_record_files(specs: str | Sequence[str], key: str) -> list[str]:
   specs = [specs] if isinstance(specs, str) else list(specs)
   try:
     # records' expansion also stops when a glob misses a shard of an -i-of-n set.
-    paths = records._expand(specs)  # pylint: disable=protected-access
+    paths = records.expand_paths(specs)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{key}: {e}") from None
   for path in paths:
@@ -244,7 +244,11 @@ def register_thought_task(
     `layout_document(rec, fmt, epoch=e, ...)` followed by EOS, split into consecutive pieces
     of seq_len tokens when longer (seq_len = the task feature length given at get_dataset).
   """
-  cfg = ThoughtDataConfig(format=formats.DocFormat(fmt).value,
+  fmt = fmt.value if isinstance(fmt, formats.DocFormat) else fmt
+  if fmt not in _FORMATS:
+    raise ValueError(f"thought task {name!r}: format {fmt!r} is not one of {list(_FORMATS)} "
+                     f"(config.mstep_data.format)")
+  cfg = ThoughtDataConfig(format=fmt,
                           mix_in_raw_ratio=float(mix_in_raw_ratio), seed=int(seed),
                           drop_thoughtless_chunks=bool(drop_thoughtless_chunks))
   config_keys = dict(config_keys or {})

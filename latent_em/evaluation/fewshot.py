@@ -280,6 +280,27 @@ def _cache_sharding(mesh, rules):
       list(rules or sharding.DEFAULT_RULES))
 
 
+# Samplers by (model, settings, mesh): tasks and variants that share them share compiled code.
+_SAMPLERS: dict[tuple, sampler_lib.Sampler] = {}
+_MAX_SAMPLERS = 8
+
+
+def _greedy_sampler(model_cfg, max_gen_len, banned_ids, stop_ids, mesh, rules
+                    ) -> sampler_lib.Sampler:
+  cfg = sampler_lib.SamplingConfig(temperature=0.0, max_gen_len=max_gen_len,
+                                   banned_ids=banned_ids)
+  key = (repr(model_cfg), cfg, stop_ids, mesh, repr(rules),
+         model_lib.decode, model_lib.init_cache)
+  if key not in _SAMPLERS:
+    if len(_SAMPLERS) >= _MAX_SAMPLERS:
+      _SAMPLERS.pop(next(iter(_SAMPLERS)))
+    _SAMPLERS[key] = sampler_lib.Sampler(
+        functools.partial(model_lib.decode, model_cfg),
+        functools.partial(model_lib.init_cache, model_cfg), cfg, stop_ids=stop_ids,
+        cache_sharding=_cache_sharding(mesh, rules))
+  return _SAMPLERS[key]
+
+
 def generate(model_cfg: model_lib.ModelConfig, params: Any, prompts: Sequence[Sequence[int]], *,
              max_gen_len: int, batch_size: int, max_seq_len: int, pad_id: int,
              banned_ids: tuple[int, ...] = (), stop_ids: tuple[int, ...] = (), mesh=None,
@@ -297,11 +318,8 @@ def generate(model_cfg: model_lib.ModelConfig, params: Any, prompts: Sequence[Se
     dp = sharding.data_parallel_size(mesh)
     batch_size = -(-batch_size // dp) * dp
   buckets = sampler_lib.default_buckets(budget, smallest=min(_SMALLEST_BUCKET, budget))
-  cfg = sampler_lib.SamplingConfig(temperature=0.0, max_gen_len=max_gen_len,
-                                   banned_ids=tuple(banned_ids))
-  sampler = sampler_lib.Sampler(functools.partial(model_lib.decode, model_cfg),
-                                functools.partial(model_lib.init_cache, model_cfg), cfg,
-                                stop_ids=stop_ids, cache_sharding=_cache_sharding(mesh, rules))
+  sampler = _greedy_sampler(model_cfg, max_gen_len, tuple(banned_ids), tuple(stop_ids), mesh,
+                            rules)
   by_bucket: dict[int, list[int]] = collections.defaultdict(list)
   for i, p in enumerate(prompts):
     if not 0 < len(p) <= budget:

@@ -35,6 +35,17 @@ def nll_pairs(tokenizer, texts: Sequence[str], seq_len: int
   return pairs
 
 
+_LOGPROB_FNS: dict[str, Any] = {}
+
+
+def _logprob_fn(key: str, model_cfg: model_lib.ModelConfig):
+  """One jitted scorer per model config, so repeated evaluations compile once."""
+  if key not in _LOGPROB_FNS:
+    _LOGPROB_FNS.clear()
+    _LOGPROB_FNS[key] = scoring.make_token_logprobs(model_cfg)
+  return _LOGPROB_FNS[key]
+
+
 def validation_nll(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
                    texts: Sequence[str], *, seq_len: int, batch_size: int, mesh=None
                    ) -> dict[str, Any]:
@@ -55,7 +66,7 @@ def validation_nll(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
     dp = sharding.data_parallel_size(mesh)
     rows = -(-batch_size // dp) * dp
     put = lambda arrays: sharding.host_to_global(arrays, mesh)  # pylint: disable=unnecessary-lambda-assignment
-  logprob_fn = scoring.make_token_logprobs(model_cfg)
+  logprob_fn = _logprob_fn(repr(model_cfg), model_cfg)
   # Pack a few thousand pieces at a time: packing is host work, quadratic in the rows it holds.
   total, start = 0.0, 0
   while start < len(pairs):

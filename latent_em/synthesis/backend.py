@@ -2,7 +2,7 @@
 
 A Backend turns chat requests into results, in order. `ApiBackend` (api_backend.py) calls an
 OpenAI-compatible HTTP endpoint; `CachingBackend` (cache.py) wraps any backend with the on-disk
-request cache; `LocalBackend` is the slot for sampling from one of our own checkpoints.
+request cache; `local_backend.LocalBackend` samples from one of our own checkpoints.
 """
 from __future__ import annotations
 
@@ -119,20 +119,3 @@ class UsageStats:
     out["failed_requests"] = sum(out["failures"].values())
     out["cost_usd"] = round(self.cost(price_prompt_per_m, price_completion_per_m), 6)
     return out
-
-
-class LocalBackend:
-  """Sampling teacher text from one of our own checkpoints.
-
-  This needs the JAX sampler of `latent_em.sampling`, which this backend will call once that
-  module exists; until then constructing it raises a ConfigError that says so.
-  """
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-    from latent_em import config_lib
-    raise config_lib.ConfigError(
-        "config.synthesis.backend='local' samples from a latent_em checkpoint and needs the "
-        "sampler module latent_em.sampling, which this version does not have yet; use "
-        "config.synthesis.backend='api' with an OpenAI-compatible server instead (for a local "
-        "model, e.g. vLLM's `vllm serve MODEL` and base_url='http://127.0.0.1:8000/v1')")

@@ -35,7 +35,7 @@ from latent_em import config_lib, io_utils
 from latent_em.data import chunking, records, sources
 from latent_em.data.chunking import ChunkConfig
 from latent_em.synthesis import prompts as prompts_lib
-from latent_em.synthesis.backend import Backend, LocalBackend, Request, Result
+from latent_em.synthesis.backend import Backend, Request, Result
 from latent_em.synthesis.cache import CachingBackend, RequestCache
 
 BACKENDS = ("api", "local")
@@ -128,10 +128,24 @@ def synthesis_config(config: Any) -> SynthesisConfig:
   return config_lib.from_config(SynthesisConfig, config.get("synthesis", {}), "config.synthesis")
 
 
-def make_backend(cfg: SynthesisConfig) -> Backend:
-  """The uncached backend named by config.synthesis.backend."""
+def make_backend(cfg: SynthesisConfig, config: Any = None) -> Backend:
+  """The uncached backend named by config.synthesis.backend.
+
+  For "local", config.synthesis.model is the checkpoint (a finished train workdir or a params
+  dir) and config.model / config.tokenizer describe it.
+  """
   if cfg.backend == "local":
-    return LocalBackend(cfg)
+    from latent_em import runtime, train  # pylint: disable=g-import-not-at-top
+    from latent_em.estep.job import tokenizer_for  # pylint: disable=g-import-not-at-top
+    from latent_em.synthesis.local_backend import LocalBackend  # pylint: disable=g-import-not-at-top
+    if config is None or not cfg.model:
+      raise config_lib.ConfigError("config.synthesis.backend='local' needs config.synthesis.model "
+                                   "= a finished train workdir or params checkpoint")
+    tok = tokenizer_for(config, cfg.model, "config.synthesis.model")
+    model_cfg = runtime.model_config(config, tok)
+    params = train.load_init_params(cfg.model, model_cfg, key="config.synthesis.model")
+    return LocalBackend(model_cfg, params, tok, checkpoint=cfg.model,
+                        temperature=cfg.temperature, max_tokens=cfg.max_tokens)
   from latent_em.synthesis import api_backend  # pylint: disable=g-import-not-at-top
   return api_backend.ApiBackend(
       cfg.base_url, cfg.model, api_key_env=cfg.api_key_env,
@@ -295,7 +309,7 @@ def run(config: Any, workdir: str, backend: Backend | None = None) -> dict[str, 
   num_shards = cfg.num_shards or math.ceil(num_docs / cfg.docs_per_shard)
   per_shard = math.ceil(num_docs / num_shards)
 
-  inner = backend if backend is not None else make_backend(cfg)
+  inner = backend if backend is not None else make_backend(cfg, config)
   cached = CachingBackend(inner, RequestCache(cfg.cache_dir or os.path.join(out_dir, "cache")))
   identity = cached.identity()
   _check_plan(out_dir, _fingerprint(cfg, identity, files, num_docs, num_shards, per_shard))
