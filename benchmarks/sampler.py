@@ -159,15 +159,19 @@ def _versions() -> dict[str, str]:
 
 
 def copy_bandwidth(backend: str) -> float:
-  """Bytes/s of a large elementwise copy (read + write), best of several."""
+  """Bytes/s of a large in-place elementwise update (read + write), best of several.
+
+  The input is donated so the output reuses its buffer: a fresh output would spend most of the
+  time on first-touch page faults on CPU.
+  """
   n = (256 << 20) // 4 if backend == "cpu" else (2 << 30) // 4
   x = jnp.ones((n,), jnp.float32)
-  f = jax.jit(lambda a: a * 2.0)
-  f(x).block_until_ready()
+  f = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+  x = f(x).block_until_ready()
   best = float("inf")
-  for _ in range(5):
+  for _ in range(7):
     t0 = time.perf_counter()
-    f(x).block_until_ready()
+    x = f(x).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2 * 4 * n / best
 
@@ -223,6 +227,76 @@ class ProtoDecode:
     for layer_params, layer_cache in zip(params["layers"], cache):
       x, c = model.Block(cfg).apply({"params": layer_params}, x, layer_cache, slots, slots,
                                     None, None, cache_index)
+      new_cache.append(c)
+    x = model.RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, table.astype(cfg.compute_dtype))
+    else:
+      logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]["kernel"].astype(cfg.compute_dtype))
+    return logits.astype(jnp.float32), tuple(new_cache)
+
+
+class ProtoDecodeKV(ProtoDecode):
+  """ProtoDecode with the cache stored [N, K, S, Dh] (kv heads before slots) and attention
+  written out here, so the score and value einsums read the cache in the layout the matmul wants.
+
+  `model.Attention` keeps [N, S, K, Dh], and XLA transposes each layer's whole K and V cache on
+  every step to feed the batched (n, k) matmuls.
+  """
+
+  def init_cache(self, batch: int, max_len: int) -> tuple[dict[str, jax.Array], ...]:
+    cfg = self.cfg
+    shape = (batch, cfg.n_kv_heads, max_len, cfg.hd)
+    return tuple({"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+                 for _ in range(cfg.n_layers))
+
+  def _attention(self, p: Any, x_BTD: jax.Array, cache: dict[str, jax.Array], slots_BT: jax.Array,
+                 cache_index_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    cfg = self.cfg
+    dt, h, k, dh = cfg.compute_dtype, cfg.n_heads, cfg.n_kv_heads, cfg.hd
+    b, t, _ = x_BTD.shape
+    q_BTHD = jnp.einsum("btd,dhe->bthe", x_BTD, p["q_proj"]["kernel"].astype(dt))
+    k_BTKD = jnp.einsum("btd,dke->btke", x_BTD, p["k_proj"]["kernel"].astype(dt))
+    v_BTKD = jnp.einsum("btd,dke->btke", x_BTD, p["v_proj"]["kernel"].astype(dt))
+    inv_freq = model.rope_frequencies(cfg)
+    q_BTHD = model.apply_rope(q_BTHD, slots_BT, inv_freq)
+    k_BTKD = model.apply_rope(k_BTKD, slots_BT, inv_freq)
+    write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (0, i, 0)))
+    keys = write(cache["k"], k_BTKD.transpose(0, 2, 1, 3).astype(cache["k"].dtype), cache_index_B)
+    values = write(cache["v"], v_BTKD.transpose(0, 2, 1, 3).astype(cache["v"].dtype),
+                   cache_index_B)
+    q_BTKGD = q_BTHD.reshape(b, t, k, h // k, dh)
+    logits = jnp.einsum("btkgd,bksd->bkgts", q_BTKGD, keys.astype(dt)).astype(jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(dh))
+    mask_BTS = jnp.arange(keys.shape[2])[None, None, :] <= slots_BT[:, :, None]
+    logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out_BTHD = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(dt)).reshape(b, t, h, dh)
+    out = jnp.einsum("bthe,hed->btd", out_BTHD, p["o_proj"]["kernel"].astype(dt))
+    return out, {"k": keys, "v": values}
+
+  def _block(self, p: Any, x: jax.Array, cache: dict[str, jax.Array], slots: jax.Array,
+             cache_index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    norm = model.RMSNorm(cfg)
+    attn, cache = self._attention(p["attn"], norm.apply({"params": p["attn_norm"]}, x), cache,
+                                  slots, cache_index)
+    x = x + attn
+    y = norm.apply({"params": p["mlp_norm"]}, x)
+    m = p["mlp"]
+    hidden = (jax.nn.silu(y @ m["gate_proj"]["kernel"].astype(dt))
+              * (y @ m["up_proj"]["kernel"].astype(dt)))
+    return x + hidden @ m["down_proj"]["kernel"].astype(dt), cache
+
+  def __call__(self, params: Any, tokens: jax.Array, cache: tuple, cache_index: jax.Array):
+    cfg = self.cfg
+    slots = cache_index[:, None] + jnp.arange(tokens.shape[1])[None, :]
+    table = params["embed"]["embedding"]
+    x = jnp.take(table.astype(cfg.compute_dtype), tokens, axis=0)
+    new_cache = []
+    for layer_params, layer_cache in zip(params["layers"], cache):
+      x, c = self._block(layer_params, x, layer_cache, slots, cache_index)
       new_cache.append(c)
     x = model.RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
     if cfg.tie_embeddings:

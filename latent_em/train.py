@@ -85,11 +85,53 @@ def load_init_params(path: str, cfg: model_lib.ModelConfig, key: str = "config.t
   return params
 
 
+def _task_base(workdir: str) -> str:
+  """A seqio registry name unique to this workdir (tasks are registered per run)."""
+  import hashlib
+  return "latent_em_" + hashlib.blake2b(os.path.abspath(workdir).encode(), digest_size=6).hexdigest()
+
+
+def training_task(config, workdir: str, train_files, val_files, tokenizer) -> str:
+  """Registers the seqio task (or mixture) this run trains on; returns its name.
+
+  Raw text (config.data.train_files), thought-augmented records (config.mstep_data.record_files)
+  or a mixture of both; validation is always raw text (NLL on held-out documents).
+  """
+  from latent_em.data import tasks, thought_tasks
+  cfg_data = runtime.section(config, "data")
+  cfg_thought = runtime.section(config, "mstep_data")
+  base = _task_base(workdir)
+  raw_splits = {}
+  if train_files:
+    raw_splits["train"] = train_files
+  if val_files:
+    raw_splits["validation"] = val_files
+  if raw_splits:
+    tasks.register_raw_task(base + "_raw", raw_splits, tokenizer.vocabulary,
+                            text_field=cfg_data.text_field, policy=cfg_data.on_bad_input,
+                            max_doc_chars=cfg_data.max_doc_chars,
+                            shuffle_buffer_size=cfg_data.shuffle_buffer)
+  if not cfg_thought.record_files:
+    if not train_files:
+      raise config_lib.ConfigError("nothing to train on: set config.data.train_files and/or "
+                                   "config.mstep_data.record_files")
+    return base + "_raw"
+  splits = {"train": list(cfg_thought.record_files)}
+  thought_tasks.register_from_config(base + "_thought", cfg_thought, splits, tokenizer.vocabulary,
+                                     config_keys={"train": "config.mstep_data.record_files"},
+                                     shuffle_buffer_size=cfg_data.shuffle_buffer)
+  if not train_files or cfg_thought.thought_rate >= 1.0:
+    return base + "_thought"
+  thought_tasks.register_mixture(base, [(base + "_thought", cfg_thought.thought_rate),
+                                        (base + "_raw", 1.0 - cfg_thought.thought_rate)])
+  return base
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains per `config`; returns (and writes WORKDIR/train_summary.json) the final metrics."""
   from clu import metric_writers
 
-  from latent_em.data import pipeline, tasks
+  from latent_em.data import pipeline
 
   cfg_train: TrainConfig = runtime.section(config, "train")
   cfg_data = runtime.section(config, "data")
@@ -112,17 +154,13 @@ def run(config, workdir: str) -> dict[str, Any]:
         f"config.data.batch_size={cfg_data.batch_size} must be divisible by grad_accum "
         f"({cfg_train.grad_accum}) x data-parallel devices ({sharding.data_parallel_size(mesh)})")
 
-  task_name = f"latent_em_train_{abs(hash(workdir)) % 10**8}"
-  splits = {"train": train_files}
-  if val_files:
-    splits["validation"] = val_files
-  tasks.register_raw_task(task_name, splits, tokenizer.vocabulary, text_field=cfg_data.text_field,
-                          policy=cfg_data.on_bad_input, max_doc_chars=cfg_data.max_doc_chars)
+  task_name = training_task(config, workdir, train_files, val_files, tokenizer)
+
+  val_task = _task_base(workdir) + "_raw"
 
   def train_dataset():
     return pipeline.get_dataset(task_name, "train", cfg_data.seq_len, cfg_data.batch_size,
-                                bos_id=tokenizer.bos_id, seed=cfg_data.seed, pack=cfg_data.pack,
-                                shuffle_buffer=cfg_data.shuffle_buffer)
+                                bos_id=tokenizer.bos_id, seed=cfg_data.seed, pack=cfg_data.pack)
 
   tx, schedule = optim.make_optimizer(cfg_optim, cfg_train.steps)
   abstract, state_sharding = ts.state_shardings(cfg_model, tx, mesh, rules)
@@ -148,7 +186,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   def evaluate(params) -> float:
     total, weight = 0.0, 0.0
     for i, batch in enumerate(pipeline.iterate_eval(
-        task_name, "validation", cfg_data.seq_len, cfg_data.batch_size,
+        val_task, "validation", cfg_data.seq_len, cfg_data.batch_size,
         bos_id=tokenizer.bos_id, pack=cfg_data.pack)):
       if cfg_train.eval_batches and i >= cfg_train.eval_batches:
         break

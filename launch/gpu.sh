@@ -2,7 +2,7 @@
 # Runs latent_em on GPUs: on this node, or on several nodes through SLURM.
 #
 #   launch/gpu.sh [--dry-run] -- --config=configs/X.py --workdir=DIR [...]
-#   launch/gpu.sh --slurm NODES GPUS_PER_NODE [--dry-run] -- --config=configs/X.py --workdir=DIR [...]
+#   launch/gpu.sh --slurm NODES GPUS_PER_NODE [--dry-run] -- --config=configs/X.py --workdir=DIR
 #
 # One process drives all GPUs of its node. --slurm submits launch/slurm.sbatch, which starts one
 # process per node with srun (DIR must then be on a filesystem every node sees).

@@ -6,7 +6,8 @@
 Each run of the cartesian product gets its own workdir, named from its overrides
 (`/tmp/sweep/lr=3e-3,remat=full,seed=1`), and the command
 
-  python -m latent_em.main --config=CONFIG --workdir=RUN_DIR --config.optim.lr=3e-3 ... --config.seed=1
+  python -m latent_em.main --config=CONFIG --workdir=RUN_DIR --config.optim.lr=3e-3 ... \
+      --config.seed=1
 
 Grid syntax: `--grid=KEY=V1,V2,...` (the `config.` prefix of KEY is optional). Values reach
 ml_collections verbatim, so write them as you would write `--config.KEY=V` yourself: plain text
@@ -179,7 +180,9 @@ def is_finished(workdir: str) -> bool:
 
 def _local_entry(entry: Sequence[str]) -> list[str]:
   # "python" means the interpreter running the sweep (its virtualenv, its packages).
-  return [sys.executable, *entry[1:]] if entry and entry[0] in ("python", "python3") else list(entry)
+  if entry and entry[0] in ("python", "python3"):
+    return [sys.executable, *entry[1:]]
+  return list(entry)
 
 
 def _run_one(run: Run, cmd: list[str]) -> tuple[int, float]:
@@ -188,7 +191,8 @@ def _run_one(run: Run, cmd: list[str]) -> tuple[int, float]:
   with open(os.path.join(run.workdir, "log.txt"), "a", encoding="utf-8") as log:
     log.write(f"$ {shlex.join(cmd)}\n")
     log.flush()
-    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL).returncode
   return rc, time.perf_counter() - start
 
 
@@ -205,13 +209,20 @@ def run_local(runs: Sequence[Run], entry: Sequence[str], config: str, extra: Seq
   failed = []
   with concurrent.futures.ThreadPoolExecutor(max(1, max_parallel)) as pool:
     futures = {pool.submit(_run_one, run, run.command(entry, config, extra)): run for run in todo}
-    for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
-      run = futures[future]
-      rc, seconds = future.result()
-      status = "ok" if rc == 0 else f"FAILED (exit {rc}; see {os.path.join(run.workdir, 'log.txt')})"
-      print(f"[{i}/{len(todo)}] {run.name}: {status} in {seconds:.1f} s", flush=True)
-      if rc != 0:
-        failed.append(run.name)
+    try:
+      for i, future in enumerate(concurrent.futures.as_completed(futures), 1):
+        run = futures[future]
+        rc, seconds = future.result()
+        log = os.path.join(run.workdir, "log.txt")
+        status = "ok" if rc == 0 else f"FAILED (exit {rc}; see {log})"
+        print(f"[{i}/{len(todo)}] {run.name}: {status} in {seconds:.1f} s", flush=True)
+        if rc != 0:
+          failed.append(run.name)
+    except KeyboardInterrupt:
+      # Ctrl-C reaches the running children too; queued runs must not start after it.
+      for future in futures:
+        future.cancel()
+      raise
   return failed
 
 
@@ -235,9 +246,10 @@ def check_runs(runs: Sequence[Run], config: str, extra: Sequence[str]) -> list[s
       runtime.validate(holder.value)
     except Exception as e:  # every failure is reported per run, then the sweep exits non-zero
       failed.append(run.name)
+      message = str(e)
       if isinstance(e, (KeyError, AttributeError)):  # how config_flags reports a missing field
-        e = f"no such config field {e} in {config}"
-      print(f"{run.name}: {e}", flush=True)
+        message = f"no such config field {e} in {config}"
+      print(f"{run.name}: {message}", flush=True)
     else:
       print(f"{run.name}: ok", flush=True)
   return failed
@@ -341,9 +353,9 @@ def _fmt(x: float | None) -> str:
 
 
 def markdown_table(groups: Sequence[dict[str, Any]], metrics: Sequence[str] | None = None) -> str:
-  """Override columns, source, n, then "mean ± std" per metric (std only when n > 1)."""
+  """Override columns, source, n, then "mean ± std" per metric, sorted (std only when n > 1)."""
   keys = _ordered(k for g in groups for k in g["overrides"])
-  all_metrics = _ordered(m for g in groups for m in g["mean"])
+  all_metrics = sorted({m for g in groups for m in g["mean"]})
   if metrics:
     all_metrics = [m for m in all_metrics if any(m == p or m.startswith(p + ".") for p in metrics)]
   header = [*keys, "source", "n", *all_metrics]
@@ -401,7 +413,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--max_parallel", type=int, default=1, help="concurrent local runs")
   p.add_argument("--aggregate_only", action="store_true", help="only rebuild the results table")
   p.add_argument("--extra", action="append", default=[],
-                 help="fixed flags for every run, e.g. --extra=--config.train.steps=10 (repeatable)")
+                 help="one fixed flag for every run, verbatim, e.g. "
+                 "--extra=--config.train.steps=10 (repeatable)")
   p.add_argument("--entry", default=DEFAULT_ENTRY, help="command that takes the flags")
   p.add_argument("--metrics", default="", help="comma-separated metric names/prefixes to show")
   return p.parse_args(argv)
@@ -428,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise SweepError("--config is required (configs/X.py[:variant])")
     seeds = _parse_seeds(args.seeds)
     axes = [parse_grid(g) for g in args.grid]
-    extra = [tok for e in args.extra for tok in shlex.split(e)]
+    extra = list(args.extra)
     check_extra(extra, axes, seeds)
     runs = expand(axes, seeds, args.base_workdir)
   except SweepError as e:

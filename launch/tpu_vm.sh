@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs one latent_em job on a fresh Cloud TPU VM, copies its log back and deletes the VM.
 #
-#   launch/tpu_vm.sh NAME ZONE ACCELERATOR_TYPE [--dry-run] -- --config=configs/X.py --workdir=DIR [...]
+#   launch/tpu_vm.sh NAME ZONE ACCELERATOR_TYPE [--dry-run] -- \
+#       --config=configs/X.py --workdir=DIR [--config.a.b=v ...]
 #
 # Every worker of the slice runs `python -m latent_em.main ARGS` (in a Python 3.11 virtualenv,
 # with --config.distributed=on: jax.distributed finds the other workers through the TPU
@@ -20,7 +21,7 @@
 # --dry-run prints every command instead of running it.
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [[ $# -ge 3 ]] || usage
 NAME=$1 ZONE=$2 ACCELERATOR_TYPE=$3
 shift 3
@@ -28,7 +29,8 @@ DRY_RUN=0
 while [[ $# -gt 0 && $1 != -- ]]; do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
-    *) echo "tpu_vm.sh: unknown option '$1' (arguments for latent_em.main go after --)" >&2; exit 2 ;;
+    *) echo "tpu_vm.sh: unknown option '$1' (arguments for latent_em.main go after --)" >&2
+       exit 2 ;;
   esac
   shift
 done
@@ -69,7 +71,8 @@ LOG_DIR=${LOG_DIR:-launch_logs/$NAME}
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REMOTE_DIR=latent_em       # relative to each worker's home directory
 REMOTE_LOG=latent_em.log
-REMOTE_VENV='~/latent_em_venv'  # expanded by the workers' shell
+# shellcheck disable=SC2088  # the tilde is for the workers' shell, not this one
+REMOTE_VENV='~/latent_em_venv'
 PYTHON_VERSION=${PYTHON_VERSION:-3.11}
 
 TPU=(gcloud compute tpus tpu-vm)
@@ -113,12 +116,13 @@ fi
 
 # jax 0.10 needs Python >= 3.11, newer than the TPU images' system Python: uv fetches one into
 # a virtualenv. jax[tpu] brings the libtpu that matches the jax version setup.py allows.
-run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all \
-  --command="$(printf '%s && ' \
-    "(python3 -m pip install -q --user uv || python3 -m pip install -q --user --break-system-packages uv)" \
-    "python3 -m uv venv -q --python $PYTHON_VERSION $REMOTE_VENV" \
-    "cd $REMOTE_DIR")python3 -m uv pip install -q --python $REMOTE_VENV/bin/python -e . 'jax[tpu]'"
+pip_uv="python3 -m pip install -q --user uv"
+setup="($pip_uv || $pip_uv --break-system-packages)"
+setup+=" && python3 -m uv venv -q --python $PYTHON_VERSION $REMOTE_VENV && cd $REMOTE_DIR"
+setup+=" && python3 -m uv pip install -q --python $REMOTE_VENV/bin/python -e . 'jax[tpu]'"
+run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$setup"
 
 main_cmd="$REMOTE_VENV/bin/python $(printf '%q ' -m latent_em.main "${MAIN_ARGS[@]}")"
 run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all \
-  --command="set -o pipefail; cd $REMOTE_DIR && PYTHONUNBUFFERED=1 ${main_cmd}2>&1 | tee ../$REMOTE_LOG"
+  --command="set -o pipefail; cd $REMOTE_DIR && PYTHONUNBUFFERED=1 ${main_cmd}2>&1 \
+| tee ../$REMOTE_LOG"

@@ -121,3 +121,28 @@ def test_cli_trains_and_reruns_as_resume(corpus, tmp_path):
   assert summary["steps"] == 4 and np.isfinite(summary["eval_nll_per_token"])
   proc = run_main(args)
   assert "resuming from step 4" in proc.stderr
+
+
+def test_trains_on_thought_records_mixed_with_raw(corpus, tmp_path):
+  """M-step data: oracle-thought records mixed 1:1 with raw text."""
+  from latent_em.data import chunking, records
+  docs = [json.loads(l) for l in open(corpus[0])][:40]
+  cfg = chunking.ChunkConfig(avg_units=2, max_units=4)
+  recs = []
+  for d in docs:
+    chunks = chunking.chunk_document(d["text"], cfg)
+    recs.append(records.DocRecord(d["id"], d["text"], [
+        records.ChunkRecord(prefix="".join(chunks[:i]), suffix=c, source="teacher",
+                            thought=mathcorpus.oracle_thought("".join(chunks[:i]), c))
+        for i, c in enumerate(chunks)]))
+  shard = str(tmp_path / "teacher-00000-of-00001.tfrecord")
+  records.write_shard(recs, shard)
+  config = tiny_config(corpus, steps=3)
+  config.mstep_data.record_files = (shard,)
+  config.mstep_data.thought_rate = 0.5
+  summary = train.run(config, str(tmp_path / "w"))
+  assert np.isfinite(summary["final_loss"]) and np.isfinite(summary["eval_nll_per_token"])
+  config.data.train_files = ()
+  config.tokenizer.path = str(tmp_path / "w" / "tokenizer.model")
+  summary = train.run(config, str(tmp_path / "w2"))
+  assert np.isfinite(summary["final_loss"])

@@ -41,7 +41,14 @@ _FORMATS = tuple(f.value for f in formats.DocFormat)
 
 @dataclasses.dataclass(frozen=True)
 class ThoughtDataConfig:
-  """`config.mstep_data`: how thought-augmented documents are laid out for training."""
+  """`config.mstep_data`: thought-augmented training data and its layout.
+
+  `record_files` (records.py shards, globs allowed) are trained on in `format`; when
+  config.data.train_files is also set, the two are mixed with `thought_rate` : 1 - thought_rate
+  (rates of examples).
+  """
+  record_files: tuple[str, ...] = ()
+  thought_rate: float = 1.0
   format: str = "random"            # a formats.DocFormat value
   mix_in_raw_ratio: float = 0.0     # fraction of documents sent through as raw text
   seed: int = 0                     # seeds coin flips and raw-document choice (not shuffling)
@@ -50,6 +57,8 @@ class ThoughtDataConfig:
   def __post_init__(self):
     config_lib.check(self.format in _FORMATS, "config.mstep_data.format",
                      f"{self.format!r} is not one of {list(_FORMATS)}")
+    config_lib.check(0.0 < self.thought_rate <= 1.0, "config.mstep_data.thought_rate",
+                     f"{self.thought_rate} must be in (0, 1]")
     config_lib.check(0.0 <= self.mix_in_raw_ratio <= 1.0, "config.mstep_data.mix_in_raw_ratio",
                      f"{self.mix_in_raw_ratio} must be in [0, 1]")
 
