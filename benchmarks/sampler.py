@@ -208,6 +208,8 @@ class ProtoDecode:
   and stacks a fresh [L, N, S, K, Dh] cache on every step.
   """
 
+  cache_batch_axis = 0
+
   def __init__(self, cfg: model.ModelConfig):
     self.cfg = cfg
 
@@ -326,11 +328,13 @@ class JaxRunner:
   """One `Sampler` call on fixed prompts; compiled by the first (untimed) call."""
 
   def __init__(self, name: str, decode_fn: Callable, init_cache: Callable, params: Any,
-               prompts: np.ndarray, gen_len: int, num_samples: int = 1):
+               prompts: np.ndarray, gen_len: int, num_samples: int = 1,
+               cache_batch_axis: int = 1):
     self.name = name
     self.smp = sampler_lib.Sampler(decode_fn, init_cache,
                                    sampler_lib.SamplingConfig(temperature=1.0,
-                                                              max_gen_len=gen_len))
+                                                              max_gen_len=gen_len),
+                                   cache_batch_axis=cache_batch_axis)
     self.params = params
     self.prompts = jnp.asarray(prompts)
     self.lens = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)

@@ -61,18 +61,16 @@ def load_init_params(path: str, cfg: model_lib.ModelConfig, key: str = "config.t
   kind = checkpoint.find_params_source(path, key)
   if kind == "hf":
     from latent_em import hf
-    hf_cfg, params = hf.load_llama(path, extra_vocab=0)
-    extra = cfg.vocab_size - hf_cfg.vocab_size
-    if extra > 0:
-      hf_cfg, params = hf.load_llama(path, extra_vocab=extra)
-    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "vocab_size",
-                  "tie_embeddings"):
+    base_cfg = hf.config_from_hf(hf.read_hf_config(path), path=os.path.join(path, "config.json"))
+    # Rows beyond the checkpoint's vocabulary (the 4 latent tokens, padding) are new.
+    extra = max(cfg.vocab_size - base_cfg.vocab_size, 0)
+    hf_cfg, params = hf.load_llama(path, extra_vocab=extra, scan_layers=cfg.scan_layers)
+    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "hd", "mlp_dim", "vocab_size",
+                  "tie_embeddings", "rope_theta"):
       if getattr(hf_cfg, field) != getattr(cfg, field):
         raise config_lib.ConfigError(
             f"config.model.{field}={getattr(cfg, field)} does not match {path}/config.json "
             f"({getattr(hf_cfg, field)}); use the model variant that matches the checkpoint")
-    if not cfg.scan_layers:
-      raise config_lib.ConfigError("init_from a HF checkpoint needs config.model.scan_layers=True")
     return params
   directory = path if kind == "params" else os.path.join(path, "params")
   expected = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))

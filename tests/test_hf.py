@@ -289,3 +289,18 @@ def test_tinyllama_config():
   exported = hf.hf_config_from(cfg)
   assert {k: exported[k] for k in tinyllama if k not in ("torch_dtype", "use_cache")} == {
       k: v for k, v in tinyllama.items() if k not in ("torch_dtype", "use_cache")}
+
+
+def test_init_from_hf_dir_adds_latent_rows(tmp_path):
+  """train.load_init_params on a HF dir: same weights, plus new rows for the larger vocab."""
+  from latent_em import config_lib, train
+  hf_dir = save_hf(make_hf_model(), tmp_path / "hf")
+  ref_cfg, ref = hf.load_llama(hf_dir)
+  cfg = model_lib.ModelConfig(**{**ref_cfg.__dict__, "vocab_size": ref_cfg.vocab_size + 4})
+  params = train.load_init_params(hf_dir, cfg)
+  np.testing.assert_array_equal(params["embed"]["embedding"][:ref_cfg.vocab_size],
+                                ref["embed"]["embedding"])
+  assert params["embed"]["embedding"].shape[0] == ref_cfg.vocab_size + 4
+  bad = model_lib.ModelConfig(**{**cfg.__dict__, "n_layers": cfg.n_layers + 1})
+  with pytest.raises(config_lib.ConfigError, match="config.model.n_layers"):
+    train.load_init_params(hf_dir, bad)

@@ -415,6 +415,7 @@ def test_sweep_aggregate_only(tmp_path):
   assert "|  | 1 | train | 2 |  | 2.5 ± 0.7071 |" in proc.stdout.splitlines()
 
 
+@pytest.mark.slow  # imports the whole latent_em stack: 7 s idle, 20-30 s on a busy 2-core box
 def test_sweep_check_mode_validates_against_the_real_config(tmp_path):
   """The flags a sweep prints are parsed exactly as latent_em.main parses them."""
   proc = _sweep("--config=configs/tiny.py:steps=5", f"--base_workdir={tmp_path}",
