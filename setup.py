@@ -46,7 +46,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["latent_em", "latent_em.*"]),
     package_data={"latent_em": ["data/assets/*"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

@@ -127,8 +127,9 @@ def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
 def maybe_initialize_distributed(mode: str = "auto") -> None:
   """Calls jax.distributed.initialize() on multi-host launches.
 
-  "auto" initialises when the environment describes a multi-process job (Cloud TPU pod slices,
-  SLURM with several tasks, or an explicit JAX_COORDINATOR_ADDRESS); "on" always; "off" never.
+  "auto" initialises when the environment describes a multi-process job (a Cloud TPU VM, whose
+  workers jax discovers from the metadata server; SLURM with several tasks; or an explicit
+  JAX_COORDINATOR_ADDRESS); "on" always; "off" never.
   """
   if mode == "off":
     return
@@ -137,7 +138,8 @@ def maybe_initialize_distributed(mode: str = "auto") -> None:
       "JAX_COORDINATOR_ADDRESS" in env
       or int(env.get("SLURM_NTASKS", "1")) > 1
       or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
-      or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1)
+      or int(env.get("MEGASCALE_NUM_SLICES", "1")) > 1
+      or os.path.exists("/dev/accel0"))  # a TPU VM: jax reads the worker list from GCE metadata
   if mode == "on" or multi:
     logging.info("initialising jax.distributed (mode=%s)", mode)
     jax.distributed.initialize()
