@@ -11,11 +11,12 @@ see the same load on a shared machine. Tokens/s counts generated tokens over the
 oversubscribed machine OpenMP's spinning threads can make the multi-threaded run several times
 slower, and the honest comparison is against the faster of the two.
 
-`--prototype` (default on) adds a third runner: the same sampler with a prototype decode
-function (`ProtoDecode`) that keeps one cache buffer and one parameter set per layer instead of
-`nn.scan`'s stacked ones, so a decode step neither slices every weight out of the stacked
-[L, ...] arrays nor copies the whole [L, B, S, K, Dh] cache. Its logits are checked against
-`model.decode` before timing.
+`--decoders` adds runners that use the same sampler with prototype decode functions, checked
+against `model.decode`'s logits before timing: `proto_layers` keeps one parameter set and one
+cache buffer per layer instead of `nn.scan`'s stacked ones (a decode step then neither slices
+every weight out of the stacked [L, ...] arrays nor slices out and re-stacks the whole
+[L, B, S, K, Dh] cache), and `proto_kv` also stores the cache [B, K, S, Dh] so attention reads it
+without transposing it.
 
 Part 2 (shared prompts). A prompt-heavy E-step shape (prompt 512, thought 128 tokens, the small
 preset): B prompts x K samples through one call with `num_samples=K` (prefill once per prompt)
@@ -25,10 +26,10 @@ Part 3 (memory-bandwidth bound). A decode step must read every weight and the fi
 so tokens/s <= rows / (bytes per step / bandwidth). The bandwidth is a measured large copy (or
 `--mem_bw_gbps`); the bound ignores prefill, so the ratio understates decode efficiency a little.
 
-  python benchmarks/sampler.py --preset=tiny
+  python benchmarks/sampler.py --preset=tiny --shared_decoders=ours,proto_kv
   python benchmarks/sampler.py --preset=small --batch=8 --skip_shared --json
   python benchmarks/sampler.py --preset=tinyllama --batch=128 --prompt_len=512 --gen_len=256 \\
-      --skip_hf --skip_shared --mem_bw_gbps=3350            # GPU (H100 SXM: 3.35 TB/s)
+      --decoders=ours,proto_kv --skip_hf --skip_shared --mem_bw_gbps=3350   # GPU (H100 SXM)
 
 Results are recorded in docs/benchmarks.md.
 """
@@ -87,8 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--prompt_len", type=int, default=64)
   p.add_argument("--gen_len", type=int, default=64)
   p.add_argument("--runs", type=int, default=5, help="timed rounds per runner (part 1)")
-  p.add_argument("--prototype", action=argparse.BooleanOptionalAction, default=True,
-                 help="also time the sampler with the per-layer prototype decode")
+  p.add_argument("--decoders", default="ours,proto_layers,proto_kv",
+                 help="decode implementations timed in part 1 (comma-separated; ours = "
+                      "model.decode, the others are this file's prototypes)")
   p.add_argument("--skip_hf", action="store_true", help="do not run Hugging Face generate")
   p.add_argument("--skip_shared", action="store_true", help="skip part 2")
   p.add_argument("--shared_preset", choices=sorted(PRESETS), default="small")
@@ -97,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--shared_gen_len", type=int, default=128)
   p.add_argument("--shared_k", default="1,4,8", help="samples per prompt (part 2)")
   p.add_argument("--shared_runs", type=int, default=3, help="timed rounds per K (part 2)")
+  p.add_argument("--shared_decoders", default="ours", help="decoders timed in part 2")
   p.add_argument("--mem_bw_gbps", type=float, default=0.0,
                  help="memory bandwidth for the bound (GB/s); 0: a measured copy")
   p.add_argument("--json", action="store_true", help="also print one JSON line with all numbers")
@@ -112,6 +115,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"--shared_k={args.shared_k!r}: expected comma-separated integers, e.g. 1,4,8")
   if not args.shared_k or min(args.shared_k) < 1:
     p.error(f"--shared_k={args.shared_k}: every K must be >= 1")
+  for flag in ("decoders", "shared_decoders"):
+    names = tuple(n for n in getattr(args, flag).split(",") if n)
+    bad = [n for n in names if n not in DECODERS]
+    if bad or not names:
+      p.error(f"--{flag}={getattr(args, flag)!r}: choose from {','.join(DECODERS)}")
+    setattr(args, flag, names)
+  if "ours" not in args.decoders:
+    args.decoders = ("ours",) + args.decoders  # the reference every speedup is relative to
   return args
 
 
@@ -199,13 +210,13 @@ def unroll_layers(params: Any, n_layers: int) -> Any:
   return out
 
 
-class ProtoDecode:
-  """`model.decode` over per-layer parameters and per-layer caches ([N, S, K, Dh] each, batch
-  axis 0), built from the model's own `Block` and `RMSNorm` so the arithmetic is the same.
+class ProtoLayers:
+  """`model.decode` over per-layer parameters (`unroll_layers`) and a tuple of per-layer caches
+  {"k", "v"}: [N, S, K, Dh] (batch axis 0), built from the model's own `Block`.
 
-  Inside the sampler's while loop each layer's cache is its own loop-carried buffer, so XLA
-  updates it in place; `nn.scan` instead slices each layer's weights out of the stacked arrays
-  and stacks a fresh [L, N, S, K, Dh] cache on every step.
+  Inside the sampler's while loop each layer's cache is its own loop-carried buffer that XLA
+  updates in place. `nn.scan` instead slices every layer's weights out of the stacked [L, ...]
+  arrays and slices out / stacks back the whole [L, N, S, K, Dh] cache on every step.
   """
 
   cache_batch_axis = 0
@@ -213,47 +224,52 @@ class ProtoDecode:
   def __init__(self, cfg: model.ModelConfig):
     self.cfg = cfg
 
-  def init_cache(self, batch: int, max_len: int) -> tuple[dict[str, jax.Array], ...]:
-    cfg = self.cfg
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.hd)
-    return tuple({"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-                 for _ in range(cfg.n_layers))
+  def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
+    return (batch, max_len, self.cfg.n_kv_heads, self.cfg.hd)
 
-  def __call__(self, params: Any, tokens: jax.Array, cache: tuple, cache_index: jax.Array):
+  def init_cache(self, batch: int, max_len: int) -> tuple[dict[str, jax.Array], ...]:
+    shape, dtype = self._cache_shape(batch, max_len), self.cfg.compute_dtype
+    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                 for _ in range(self.cfg.n_layers))
+
+  def _block(self, p: Any, x_BTD: jax.Array, cache: dict[str, jax.Array], slots_BT: jax.Array,
+             cache_index_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return model.Block(self.cfg).apply({"params": p}, x_BTD, cache, slots_BT, slots_BT, None,
+                                       None, cache_index_B)
+
+  def __call__(self, params: Any, tokens_BT: jax.Array, cache: tuple,
+               cache_index_B: jax.Array) -> tuple[jax.Array, tuple]:
+    """Same contract as `model.decode`: logits [N, T, V] fp32 and the updated caches."""
     cfg = self.cfg
-    t = tokens.shape[1]
-    slots = cache_index[:, None] + jnp.arange(t)[None, :]
+    dt = cfg.compute_dtype
+    slots_BT = cache_index_B[:, None] + jnp.arange(tokens_BT.shape[1])[None, :]
     table = params["embed"]["embedding"]
-    x = jnp.take(table.astype(cfg.compute_dtype), tokens, axis=0)
+    x = jnp.take(table.astype(dt), tokens_BT, axis=0)
     new_cache = []
     for layer_params, layer_cache in zip(params["layers"], cache):
-      x, c = model.Block(cfg).apply({"params": layer_params}, x, layer_cache, slots, slots,
-                                    None, None, cache_index)
+      x, c = self._block(layer_params, x, layer_cache, slots_BT, cache_index_B)
       new_cache.append(c)
     x = model.RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
     if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, table.astype(cfg.compute_dtype))
+      logits = jnp.einsum("btd,vd->btv", x, table.astype(dt))
     else:
-      logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]["kernel"].astype(cfg.compute_dtype))
+      logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]["kernel"].astype(dt))
     return logits.astype(jnp.float32), tuple(new_cache)
 
 
-class ProtoDecodeKV(ProtoDecode):
-  """ProtoDecode with the cache stored [N, K, S, Dh] (kv heads before slots) and attention
-  written out here, so the score and value einsums read the cache in the layout the matmul wants.
+class ProtoKV(ProtoLayers):
+  """ProtoLayers with each layer's cache stored [N, K, S, Dh] (kv heads before slots).
 
-  `model.Attention` keeps [N, S, K, Dh], and XLA transposes each layer's whole K and V cache on
-  every step to feed the batched (n, k) matmuls.
+  `model.Attention` keeps [N, S, K, Dh]; its score and value einsums batch over (n, k), so XLA
+  transposes the layer's whole K and V cache into [N, K, ., .] on every step. Here the cache
+  already has that layout and only the new token's K/V are transposed.
   """
 
-  def init_cache(self, batch: int, max_len: int) -> tuple[dict[str, jax.Array], ...]:
-    cfg = self.cfg
-    shape = (batch, cfg.n_kv_heads, max_len, cfg.hd)
-    return tuple({"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-                 for _ in range(cfg.n_layers))
+  def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
+    return (batch, self.cfg.n_kv_heads, max_len, self.cfg.hd)
 
-  def _attention(self, p: Any, x_BTD: jax.Array, cache: dict[str, jax.Array], slots_BT: jax.Array,
-                 cache_index_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def _attention(self, p: Any, x_BTD: jax.Array, cache: dict[str, jax.Array],
+                 slots_BT: jax.Array, cache_index_B: jax.Array):
     cfg = self.cfg
     dt, h, k, dh = cfg.compute_dtype, cfg.n_heads, cfg.n_kv_heads, cfg.hd
     b, t, _ = x_BTD.shape
@@ -264,55 +280,39 @@ class ProtoDecodeKV(ProtoDecode):
     q_BTHD = model.apply_rope(q_BTHD, slots_BT, inv_freq)
     k_BTKD = model.apply_rope(k_BTKD, slots_BT, inv_freq)
     write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (0, i, 0)))
-    keys = write(cache["k"], k_BTKD.transpose(0, 2, 1, 3).astype(cache["k"].dtype), cache_index_B)
-    values = write(cache["v"], v_BTKD.transpose(0, 2, 1, 3).astype(cache["v"].dtype),
-                   cache_index_B)
+    keys_BKSD = write(cache["k"], k_BTKD.transpose(0, 2, 1, 3).astype(cache["k"].dtype),
+                      cache_index_B)
+    values_BKSD = write(cache["v"], v_BTKD.transpose(0, 2, 1, 3).astype(cache["v"].dtype),
+                        cache_index_B)
     q_BTKGD = q_BTHD.reshape(b, t, k, h // k, dh)
-    logits = jnp.einsum("btkgd,bksd->bkgts", q_BTKGD, keys.astype(dt)).astype(jnp.float32)
+    logits = jnp.einsum("btkgd,bksd->bkgts", q_BTKGD, keys_BKSD.astype(dt)).astype(jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(dh))
-    mask_BTS = jnp.arange(keys.shape[2])[None, None, :] <= slots_BT[:, :, None]
+    mask_BTS = jnp.arange(keys_BKSD.shape[2])[None, None, :] <= slots_BT[:, :, None]
     logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out_BTHD = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(dt)).reshape(b, t, h, dh)
-    out = jnp.einsum("bthe,hed->btd", out_BTHD, p["o_proj"]["kernel"].astype(dt))
-    return out, {"k": keys, "v": values}
+    out_BTHD = jnp.einsum("bkgts,bksd->btkgd", probs, values_BKSD.astype(dt)).reshape(b, t, h, dh)
+    out_BTD = jnp.einsum("bthe,hed->btd", out_BTHD, p["o_proj"]["kernel"].astype(dt))
+    return out_BTD, {"k": keys_BKSD, "v": values_BKSD}
 
-  def _block(self, p: Any, x: jax.Array, cache: dict[str, jax.Array], slots: jax.Array,
-             cache_index: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    cfg = self.cfg
-    dt = cfg.compute_dtype
-    norm = model.RMSNorm(cfg)
-    attn, cache = self._attention(p["attn"], norm.apply({"params": p["attn_norm"]}, x), cache,
-                                  slots, cache_index)
-    x = x + attn
-    y = norm.apply({"params": p["mlp_norm"]}, x)
+  def _block(self, p, x_BTD, cache, slots_BT, cache_index_B):
+    dt = self.cfg.compute_dtype
+    norm = model.RMSNorm(self.cfg)
+    attn, cache = self._attention(p["attn"], norm.apply({"params": p["attn_norm"]}, x_BTD),
+                                  cache, slots_BT, cache_index_B)
+    x_BTD = x_BTD + attn
+    y = norm.apply({"params": p["mlp_norm"]}, x_BTD)
     m = p["mlp"]
     hidden = (jax.nn.silu(y @ m["gate_proj"]["kernel"].astype(dt))
               * (y @ m["up_proj"]["kernel"].astype(dt)))
-    return x + hidden @ m["down_proj"]["kernel"].astype(dt), cache
-
-  def __call__(self, params: Any, tokens: jax.Array, cache: tuple, cache_index: jax.Array):
-    cfg = self.cfg
-    slots = cache_index[:, None] + jnp.arange(tokens.shape[1])[None, :]
-    table = params["embed"]["embedding"]
-    x = jnp.take(table.astype(cfg.compute_dtype), tokens, axis=0)
-    new_cache = []
-    for layer_params, layer_cache in zip(params["layers"], cache):
-      x, c = self._block(layer_params, x, layer_cache, slots, cache_index)
-      new_cache.append(c)
-    x = model.RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, table.astype(cfg.compute_dtype))
-    else:
-      logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]["kernel"].astype(cfg.compute_dtype))
-    return logits.astype(jnp.float32), tuple(new_cache)
+    return x_BTD + hidden @ m["down_proj"]["kernel"].astype(dt), cache
 
 
-def check_proto(cfg: model.ModelConfig, params: Any, proto_params: Any, proto: ProtoDecode,
+def check_proto(cfg: model.ModelConfig, params: Any, proto: ProtoLayers,
                 prompts: jax.Array) -> float:
-  """Max |logit difference| between model.decode and ProtoDecode on a prefill + one step."""
+  """Max |logit difference| between model.decode and a prototype on a prefill + one step."""
   b, p = prompts.shape
   zeros = jnp.zeros((b,), jnp.int32)
+  proto_params = unroll_layers(params, cfg.n_layers)
   ref, ref_cache = model.decode(cfg, params, prompts, model.init_cache(cfg, b, p + 1), zeros)
   got, got_cache = proto(proto_params, prompts, proto.init_cache(b, p + 1), zeros)
   nxt = prompts[:, :1]
@@ -321,25 +321,45 @@ def check_proto(cfg: model.ModelConfig, params: Any, proto_params: Any, proto: P
   return float(max(jnp.max(jnp.abs(ref - got)), jnp.max(jnp.abs(ref2 - got2))))
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """What a Sampler needs for one decode implementation."""
+  decode_fn: Callable
+  init_cache: Callable
+  params: Any
+  cache_batch_axis: int
+
+
+DECODERS = ("ours", "proto_layers", "proto_kv")
+
+
+def make_decoder(name: str, cfg: model.ModelConfig, params: Any) -> Decoder:
+  """'ours' is model.decode as the E-step uses it; the others are the prototypes above."""
+  if name == "ours":
+    return Decoder(functools.partial(model.decode, cfg), functools.partial(model.init_cache, cfg),
+                   params, cache_batch_axis=1)
+  proto = {"proto_layers": ProtoLayers, "proto_kv": ProtoKV}[name](cfg)
+  return Decoder(proto, proto.init_cache, unroll_layers(params, cfg.n_layers),
+                 proto.cache_batch_axis)
+
+
 # ----------------------------------------------------------------------------- runners
 
 
 class JaxRunner:
   """One `Sampler` call on fixed prompts; compiled by the first (untimed) call."""
 
-  def __init__(self, name: str, decode_fn: Callable, init_cache: Callable, params: Any,
-               prompts: np.ndarray, gen_len: int, num_samples: int = 1,
-               cache_batch_axis: int = 1):
+  def __init__(self, name: str, dec: Decoder, prompts: np.ndarray, gen_len: int,
+               num_samples: int = 1):
     self.name = name
-    self.smp = sampler_lib.Sampler(decode_fn, init_cache,
-                                   sampler_lib.SamplingConfig(temperature=1.0,
-                                                              max_gen_len=gen_len),
-                                   cache_batch_axis=cache_batch_axis)
-    self.params = params
+    self.smp = sampler_lib.Sampler(
+        dec.decode_fn, dec.init_cache,
+        sampler_lib.SamplingConfig(temperature=1.0, max_gen_len=gen_len),
+        cache_batch_axis=dec.cache_batch_axis)
+    self.params = dec.params
     self.prompts = jnp.asarray(prompts)
     self.lens = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
     self.num_samples = num_samples
-    self.generated = prompts.shape[0] * num_samples * gen_len
     self._calls = 0
     t0 = time.perf_counter()
     out = self.run()
@@ -368,7 +388,6 @@ class HfRunner:
     self.torch, self.name, self.model, self.threads = torch, name, hf_model, threads
     self.ids = torch.from_numpy(prompts.astype(np.int64)).to(hf_model.device)
     self.gen_len = gen_len
-    self.generated = prompts.shape[0] * gen_len
     self._calls = 0
     self.run()  # warm-up (allocator, kernels)
 
@@ -389,19 +408,29 @@ class HfRunner:
       raise RuntimeError(f"{self.name}: generated {new} tokens per row, expected {self.gen_len}")
 
 
-def time_rounds(runners: list, rounds: int) -> dict[str, list[float]]:
-  """Seconds per call for each runner, the runners interleaved round by round."""
-  out: dict[str, list[float]] = {r.name: [] for r in runners}
+def time_rounds(runners: list, rounds: int) -> dict[str, dict[str, list[float]]]:
+  """Wall and process-CPU seconds per call for each runner, interleaved round by round.
+
+  CPU seconds (all threads of this process) depend less on other processes' load than wall
+  seconds, but count spin-waiting threads as busy.
+  """
+  out = {r.name: {"wall": [], "cpu": []} for r in runners}
   for _ in range(rounds):
     for r in runners:
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       r.run()
-      out[r.name].append(time.perf_counter() - t0)
+      out[r.name]["wall"].append(time.perf_counter() - t0)
+      out[r.name]["cpu"].append(time.process_time() - c0)
   return out
 
 
 def _spread(xs: list[float]) -> dict[str, float]:
   return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def _ratios(num: list[float], den: list[float]) -> dict[str, float]:
+  """Median / min / max over rounds of num[i] / den[i] (same-round pairs)."""
+  return _spread([n / d for n, d in zip(num, den)])
 
 
 def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -419,21 +448,21 @@ def init_params(cfg: model.ModelConfig) -> Any:
 
 def run_generation(args: argparse.Namespace, cfg: model.ModelConfig, backend: str,
                    cores: int) -> dict[str, Any]:
-  """Part 1: tokens/s of our sampler (and prototype) vs HF generate, alternating rounds."""
+  """Part 1: tokens/s of our sampler (and prototypes) vs HF generate, alternating rounds."""
   b, p, g = args.batch, args.prompt_len, args.gen_len
   res: dict[str, Any] = {"batch": b, "prompt_len": p, "gen_len": g, "runs": args.runs,
-                         "params": model.param_count(cfg)}
+                         "params": model.param_count(cfg), "logit_check": {}}
   params = init_params(cfg)
   prompts = random_prompts(b, p, cfg.vocab_size)
-  runners: list = [JaxRunner("ours", functools.partial(model.decode, cfg),
-                             functools.partial(model.init_cache, cfg), params, prompts, g)]
-  if args.prototype:
-    proto = ProtoDecode(cfg)
-    proto_params = unroll_layers(params, cfg.n_layers)
-    res["proto_max_abs_logit_diff"] = check_proto(cfg, params, proto_params, proto,
-                                                  jnp.asarray(prompts[:2, :16]))
-    runners.append(JaxRunner("proto", proto, proto.init_cache, proto_params, prompts, g))
+  runners: list = []
+  for name in args.decoders:
+    dec = make_decoder(name, cfg, params)
+    if name != "ours":
+      res["logit_check"][name] = check_proto(cfg, params, dec.decode_fn,
+                                             jnp.asarray(prompts[:2, :16]))
+    runners.append(JaxRunner(name, dec, prompts, g))
   res["compile_s"] = {r.name: r.compile_s for r in runners}
+  jax_names = [r.name for r in runners]
 
   hf_model = None
   with tempfile.TemporaryDirectory(prefix="bench_sampler_hf_") as tmp:
@@ -459,33 +488,33 @@ def run_generation(args: argparse.Namespace, cfg: model.ModelConfig, backend: st
     res["load_after"] = _load()
   res["compiles_after_timing"] = {r.name: r.compiles() for r in runners
                                   if isinstance(r, JaxRunner)}
+  del hf_model
+
+  bw = args.mem_bw_gbps * 1e9 if args.mem_bw_gbps else copy_bandwidth(backend)
+  res["mem_bw_gbps"] = bw / 1e9
+  res["mem_bw_source"] = "--mem_bw_gbps" if args.mem_bw_gbps else "measured copy"
+  res["decode_bytes_per_step"] = decode_bytes_per_step(cfg, b, p + g / 2)
+  res["bound_tokens_per_s"] = b * bw / res["decode_bytes_per_step"]
 
   tokens = b * g
   for r in runners:
-    res[r.name] = {"seconds": _spread(times[r.name]),
-                   "tokens_per_s": tokens / statistics.median(times[r.name])}
-  hf_names = [n for n in ("hf", "hf_1thread") if n in times]
-  for mine in [r.name for r in runners if isinstance(r, JaxRunner)]:
-    for other in hf_names:
-      ratios = [t_hf / t_me for t_me, t_hf in zip(times[mine], times[other])]
-      res[f"{mine}_over_{other}"] = _spread(ratios)
-    if hf_names:
-      # Per round, against whichever HF setting was faster in that round.
-      best = [min(times[n][i] for n in hf_names) for i in range(args.runs)]
-      res[f"{mine}_over_hf_best"] = _spread([t / m for m, t in zip(times[mine], best)])
-  if "proto" in times:
-    res["proto_over_ours"] = _spread([a / b_ for a, b_ in zip(times["ours"], times["proto"])])
-
-  bw = args.mem_bw_gbps * 1e9 if args.mem_bw_gbps else copy_bandwidth(backend)
-  step_bytes = decode_bytes_per_step(cfg, b, p + g / 2)
-  res["mem_bw_gbps"] = bw / 1e9
-  res["mem_bw_source"] = "--mem_bw_gbps" if args.mem_bw_gbps else "measured copy"
-  res["decode_bytes_per_step"] = step_bytes
-  res["bound_tokens_per_s"] = b * bw / step_bytes
-  for r in runners:
-    if isinstance(r, JaxRunner):
+    t = times[r.name]
+    res[r.name] = {"wall_s": _spread(t["wall"]), "cpu_s": _spread(t["cpu"]),
+                   "tokens_per_s": tokens / statistics.median(t["wall"])}
+    if r.name in jax_names:
       res[r.name]["of_bound"] = res[r.name]["tokens_per_s"] / res["bound_tokens_per_s"]
-  del hf_model
+  hf_names = [n for n in ("hf", "hf_1thread") if n in times]
+  ratios: dict[str, Any] = {}
+  for mine in jax_names:
+    for other in hf_names:
+      ratios[f"{mine}/{other}"] = _ratios(times[other]["wall"], times[mine]["wall"])
+    if len(hf_names) > 1:
+      # Per round, against whichever HF setting was faster in that round.
+      best = [min(times[n]["wall"][i] for n in hf_names) for i in range(args.runs)]
+      ratios[f"{mine}/hf_best"] = _ratios(best, times[mine]["wall"])
+    if mine != "ours":
+      ratios[f"{mine}/ours"] = _ratios(times["ours"]["wall"], times[mine]["wall"])
+  res["speedups"] = ratios
   return res
 
 
@@ -497,37 +526,38 @@ def run_shared(args: argparse.Namespace) -> dict[str, Any]:
   cfg = PRESETS[args.shared_preset].model
   b, p, g = args.shared_prompts, args.shared_prompt_len, args.shared_gen_len
   res: dict[str, Any] = {"preset": args.shared_preset, "prompts": b, "prompt_len": p,
-                         "gen_len": g, "runs": args.shared_runs, "rows": {}}
+                         "gen_len": g, "runs": args.shared_runs, "rows": []}
   params = init_params(cfg)
   prompts = random_prompts(b, p, cfg.vocab_size, seed=1)
-  decode = functools.partial(model.decode, cfg)
-  cache = functools.partial(model.init_cache, cfg)
-
-  # Prefill alone, to show what the naive layout repeats.
-  prefill = jax.jit(lambda prm, toks: decode(prm, toks, cache(toks.shape[0], p + g),
-                                             jnp.zeros((toks.shape[0],), jnp.int32))[0])
-  res["load_before"] = _load()
-  for k in args.shared_k:
-    runners = [JaxRunner("shared", decode, cache, params, prompts, g, num_samples=k)]
-    if k > 1:
-      runners.append(JaxRunner("naive", decode, cache, params, np.repeat(prompts, k, axis=0), g))
+  # Prefill alone (B prompts), to show what the naive layout repeats K times.
+  prefill = jax.jit(lambda prm, toks: model.decode(
+      cfg, prm, toks, model.init_cache(cfg, toks.shape[0], p + g),
+      jnp.zeros((toks.shape[0],), jnp.int32))[0][:, -1])
+  jax.block_until_ready(prefill(params, jnp.asarray(prompts)))
+  prefill_s = []
+  for _ in range(args.shared_runs):
+    t0 = time.perf_counter()
     jax.block_until_ready(prefill(params, jnp.asarray(prompts)))
-    times = time_rounds(runners, args.shared_runs)
-    prefill_s = []
-    for _ in range(args.shared_runs):
-      t0 = time.perf_counter()
-      jax.block_until_ready(prefill(params, jnp.asarray(prompts)))
-      prefill_s.append(time.perf_counter() - t0)
-    row: dict[str, Any] = {"k": k, "generated": b * k * g,
-                           "prefill_s": statistics.median(prefill_s)}
-    for r in runners:
-      row[r.name] = {"seconds": _spread(times[r.name]),
-                     "s_per_token": statistics.median(times[r.name]) / (b * k * g)}
-    if k > 1:
-      row["naive_over_shared"] = _spread([n / s for s, n in zip(times["shared"], times["naive"])])
-    res["rows"][str(k)] = row
-    del runners
-    jax.clear_caches()
+    prefill_s.append(time.perf_counter() - t0)
+  res["prefill_s"] = _spread(prefill_s)
+  res["load_before"] = _load()
+  for name in args.shared_decoders:
+    dec = make_decoder(name, cfg, params)
+    for k in args.shared_k:
+      runners = [JaxRunner("shared", dec, prompts, g, num_samples=k)]
+      if k > 1:
+        runners.append(JaxRunner("naive", dec, np.repeat(prompts, k, axis=0), g))
+      times = time_rounds(runners, args.shared_runs)
+      row: dict[str, Any] = {"decoder": name, "k": k, "generated": b * k * g}
+      for r in runners:
+        row[r.name] = {"wall_s": _spread(times[r.name]["wall"]),
+                       "cpu_s": _spread(times[r.name]["cpu"]),
+                       "s_per_token": statistics.median(times[r.name]["wall"]) / (b * k * g)}
+      if k > 1:
+        row["naive/shared"] = _ratios(times["naive"]["wall"], times["shared"]["wall"])
+      res["rows"].append(row)
+      del runners
+      jax.clear_caches()
   res["load_after"] = _load()
   return res
 
@@ -541,7 +571,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   result: dict[str, Any] = {"preset": args.preset, "backend": backend, "cores": cores,
                             "cpu": _cpu_model(), "device": str(jax.devices()[0]),
                             "versions": _versions(), "loadavg_start": list(os.getloadavg()),
-                            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+                            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                            "date": time.strftime("%Y-%m-%d %H:%M")}
   if not args.skip_hf:
     import torch
     torch.set_num_threads(cores)
@@ -554,7 +585,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["generation"] = run_generation(args, preset.model, backend, cores)
   if not args.skip_shared:
     if PRESETS[args.shared_preset].gpu_only and backend == "cpu" and not args.force:
-      result["shared_skipped"] = f"--shared_preset={args.shared_preset} is GPU-only"
+      result["shared_skipped"] = (f"--shared_preset={args.shared_preset} is a GPU shape; pass "
+                                  "--force to run it on CPU anyway")
     else:
       result["shared"] = run_shared(args)
   result["loadavg_end"] = list(os.getloadavg())
@@ -562,65 +594,80 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fmt_spread(s: dict[str, float], unit: str = "") -> str:
-  return f"{s['median']:.3f}{unit} [{s['min']:.3f}-{s['max']:.3f}]"
+  return f"{s['median']:.2f}{unit} [{s['min']:.2f}-{s['max']:.2f}]"
+
+
+def _format_generation(r: dict[str, Any]) -> list[str]:
+  x = r["generation"]
+  lines = [
+      f"Part 1: preset={r['preset']} ({x['params'] / 1e6:.2f}M params)  batch={x['batch']}  "
+      f"prompt={x['prompt_len']}  gen={x['gen_len']}  rounds={x['runs']}  "
+      f"load {x['load_before']:.1f} -> {x['load_after']:.1f}",
+      "compile s: " + ", ".join(f"{k} {v:.1f}" for k, v in x["compile_s"].items())
+      + "   compiled variants after timing: "
+      + ", ".join(f"{k} {v}" for k, v in x["compiles_after_timing"].items()),
+  ]
+  for name, diff in x["logit_check"].items():
+    lines.append(f"{name} vs model.decode: max |logit diff| {diff:.2e}")
+  if "hf_attn_implementation" in x:
+    lines.append(f"HF attention: {x['hf_attn_implementation']}  threads: {x['hf_threads']}")
+  if "hf_skipped" in x:
+    lines.append(f"HF skipped: {x['hf_skipped']}")
+  lines.append(f"{'runner':<14}{'wall s: median [min-max]':>26}{'cpu s':>9}{'tokens/s':>10}"
+               f"{'of bound':>10}")
+  for name in DECODERS + ("hf", "hf_1thread"):
+    if name in x:
+      y = x[name]
+      bound = f"{y['of_bound']:>10.1%}" if "of_bound" in y else f"{'':>10}"
+      lines.append(f"{name:<14}{_fmt_spread(y['wall_s']):>26}{y['cpu_s']['median']:>9.2f}"
+                   f"{y['tokens_per_s']:>10.1f}{bound}")
+  lines.append("speedup = ratio of tokens/s within each round, median [min-max] over rounds:")
+  for mine in DECODERS:
+    pairs = [f"{k.split('/')[1]} {_fmt_spread(v, 'x')}" for k, v in x["speedups"].items()
+             if k.startswith(mine + "/")]
+    if pairs:
+      lines.append(f"  {mine} over: " + ",  ".join(pairs))
+  lines.append(f"memory-bandwidth bound: {x['bound_tokens_per_s']:.0f} tokens/s "
+               f"({x['decode_bytes_per_step'] / 1e6:.1f} MB read per decode step at "
+               f"{x['mem_bw_gbps']:.1f} GB/s, {x['mem_bw_source']})")
+  return lines
+
+
+def _format_shared(r: dict[str, Any]) -> list[str]:
+  s = r["shared"]
+  lines = [f"Part 2: preset={s['preset']}  prompts={s['prompts']}  prompt={s['prompt_len']}  "
+           f"gen={s['gen_len']}  rounds={s['runs']}  load {s['load_before']:.1f} -> "
+           f"{s['load_after']:.1f}  prefill of the {s['prompts']} prompts alone: "
+           f"{_fmt_spread(s['prefill_s'], 's')}",
+           f"{'decoder':<14}{'K':>3}{'rows':>6}{'shared s/call':>22}{'ms/tok':>8}"
+           f"{'naive s/call':>22}{'ms/tok':>8}{'naive/shared':>22}"]
+  for row in s["rows"]:
+    sh, nv = row["shared"], row.get("naive")
+    line = (f"{row['decoder']:<14}{row['k']:>3}{s['prompts'] * row['k']:>6}"
+            f"{_fmt_spread(sh['wall_s']):>22}{sh['s_per_token'] * 1e3:>8.1f}")
+    if nv:
+      line += (f"{_fmt_spread(nv['wall_s']):>22}{nv['s_per_token'] * 1e3:>8.1f}"
+               f"{_fmt_spread(row['naive/shared'], 'x'):>22}")
+    else:
+      line += f"{'(same call)':>22}{'':>8}{'1':>22}"
+    lines.append(line)
+  return lines
 
 
 def format_table(r: dict[str, Any]) -> str:
-  lines = [f"device={r['device']}  cpu={r['cpu']}  cores={r['cores']}  "
+  """Human-readable summary of `run`'s result."""
+  lines = [f"{r['date']}  device={r['device']}  cpu={r['cpu']}  cores={r['cores']}  "
            f"load avg start={r['loadavg_start'][0]:.1f} end={r['loadavg_end'][0]:.1f}  "
            f"XLA_FLAGS={r['xla_flags'] or '(unset)'}",
            "versions: " + " ".join(f"{k}={v}" for k, v in r["versions"].items())]
   if "generation_skipped" in r:
     lines.append(f"[{r['preset']}] generation skipped: {r['generation_skipped']}")
   if "generation" in r:
-    x = r["generation"]
-    lines += [
-        "",
-        f"Part 1: preset={r['preset']} ({x['params'] / 1e6:.2f}M params)  batch={x['batch']}  "
-        f"prompt={x['prompt_len']}  gen={x['gen_len']}  rounds={x['runs']}  "
-        f"load {x['load_before']:.1f} -> {x['load_after']:.1f}",
-        "compile s: " + ", ".join(f"{k} {v:.1f}" for k, v in x["compile_s"].items())
-        + "   compiled variants after timing: "
-        + ", ".join(f"{k} {v}" for k, v in x["compiles_after_timing"].items()),
-    ]
-    if "proto_max_abs_logit_diff" in x:
-      lines.append(f"prototype decode vs model.decode: max |logit diff| "
-                   f"{x['proto_max_abs_logit_diff']:.2e}")
-    if "hf_attn_implementation" in x:
-      lines.append(f"HF attention: {x['hf_attn_implementation']}  threads: {x['hf_threads']}")
-    if "hf_skipped" in x:
-      lines.append(f"HF skipped: {x['hf_skipped']}")
-    lines.append(f"{'runner':<12}{'median s':>10}{'min s':>9}{'max s':>9}{'tokens/s':>11}"
-                 f"{'of bound':>10}")
-    for name in ("ours", "proto", "hf", "hf_1thread"):
-      if name in x:
-        y = x[name]
-        bound = f"{y['of_bound']:>10.1%}" if "of_bound" in y else f"{'':>10}"
-        lines.append(f"{name:<12}{y['seconds']['median']:>10.3f}{y['seconds']['min']:>9.3f}"
-                     f"{y['seconds']['max']:>9.3f}{y['tokens_per_s']:>11.1f}{bound}")
-    for key in sorted(k for k in x if "_over_" in k):
-      lines.append(f"{key}: {_fmt_spread(x[key], 'x')}  (median [min-max] over rounds)")
-    lines.append(f"memory-bandwidth bound: {x['bound_tokens_per_s']:.0f} tokens/s "
-                 f"({x['decode_bytes_per_step'] / 1e6:.1f} MB/step at "
-                 f"{x['mem_bw_gbps']:.1f} GB/s, {x['mem_bw_source']})")
+    lines += [""] + _format_generation(r)
   if "shared_skipped" in r:
     lines.append(f"Part 2 skipped: {r['shared_skipped']}")
   if "shared" in r:
-    s = r["shared"]
-    lines += ["",
-              f"Part 2: preset={s['preset']}  prompts={s['prompts']}  prompt={s['prompt_len']}  "
-              f"gen={s['gen_len']}  rounds={s['runs']}  load {s['load_before']:.1f} -> "
-              f"{s['load_after']:.1f}",
-              f"{'K':>3}{'rows':>6}{'prefill s':>11}{'shared s/call':>15}{'ms/token':>10}"
-              f"{'naive s/call':>14}{'ms/token':>10}{'naive/shared':>24}"]
-    for row in s["rows"].values():
-      n = row.get("naive")
-      lines.append(
-          f"{row['k']:>3}{s['prompts'] * row['k']:>6}{row['prefill_s']:>11.3f}"
-          f"{row['shared']['seconds']['median']:>15.3f}{row['shared']['s_per_token'] * 1e3:>10.2f}"
-          + (f"{n['seconds']['median']:>14.3f}{n['s_per_token'] * 1e3:>10.2f}"
-             f"{_fmt_spread(row['naive_over_shared'], 'x'):>24}" if n else
-             f"{'(same call)':>14}{'':>10}{'1':>24}"))
+    lines += [""] + _format_shared(r)
   return "\n".join(lines)
 
 

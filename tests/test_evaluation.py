@@ -41,6 +41,8 @@ def assets(tmp_path_factory):
   cfg = model.ModelConfig(**MODEL)
   params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(0))
   checkpoint.save_params(params, os.path.join(workdir, "params"))
+  # Restored like the eval job restores them (committed arrays), so compiled code is shared.
+  params = checkpoint.load_params(os.path.join(workdir, "params"))
   return workdir, tok, cfg, params, splits
 
 
@@ -284,11 +286,12 @@ def test_validation_nll_matches_per_document_forward(assets):
   for text in texts:
     ids = tok.encode(text) + [tok.eos_id]
     pieces += [ids[s:s + seq_len] for s in range(0, len(ids), seq_len)]
-  inputs = np.zeros((len(pieces), seq_len), np.int32)  # causal: padding after a piece is inert
-  for r, piece in enumerate(pieces):
-    inputs[r, :len(piece)] = [tok.bos_id] + piece[:-1]
-  logp = np.asarray(jax.nn.log_softmax(_FORWARD(cfg, params, jnp.asarray(inputs)), -1))
-  total = -sum(float(logp[r, i, t]) for r, piece in enumerate(pieces) for i, t in enumerate(piece))
+  total = 0.0
+  for piece in pieces:
+    inputs = np.zeros((1, 128), np.int32)  # causal: padding after the piece is inert
+    inputs[0, :len(piece)] = [tok.bos_id] + piece[:-1]
+    logp = np.asarray(jax.nn.log_softmax(_FORWARD(cfg, params, jnp.asarray(inputs))[0], -1))
+    total -= float(logp[np.arange(len(piece)), piece].sum())
   count = sum(len(p) for p in pieces)
   assert len(tok.encode(texts[-1])) > 2 * seq_len
   assert res["tokens"] == count and res["docs"] == 4
@@ -297,8 +300,10 @@ def test_validation_nll_matches_per_document_forward(assets):
 
 def test_validation_elbo_aggregates_engine_log_weights(assets, monkeypatch):
   _, tok, cfg, params, splits = assets
-  estep_cfg = core.EStepConfig(max_seq_len=160, batch_chunks=4, chunking=chunking.ChunkConfig(
-      avg_units=2, prefix_chunks=3), sampling=core.sampler_lib.SamplingConfig(max_gen_len=8))
+  # One prompt bucket (152 = max_seq_len - max_gen_len): a single sampler compile.
+  estep_cfg = core.EStepConfig(max_seq_len=160, batch_chunks=4, prompt_bucket=152,
+                               chunking=chunking.ChunkConfig(avg_units=2, prefix_chunks=3),
+                               sampling=core.sampler_lib.SamplingConfig(max_gen_len=8))
   texts = [d["text"] for d in splits["validation"][:2]]
   captured = []
   real = core.Engine.process
@@ -360,6 +365,7 @@ def test_eval_job_writes_results(assets, tmp_path):
   config.data.seq_len = 128
   config.estep.max_seq_len = 160
   config.estep.batch_chunks = 4
+  config.estep.prompt_bucket = 152
   config.estep.sampling.max_gen_len = 8
   config.estep.chunking.avg_units = 3
   if "eval" not in config:

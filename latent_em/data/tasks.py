@@ -23,6 +23,28 @@ from latent_em.data import sources
 _TEXT = "text"  # the source's single output key, whatever config.data.text_field is
 
 
+def shard_files(files: Sequence[str], shard_info: Optional[seqio.ShardInfo], shuffle: bool,
+                seed: Optional[int]) -> tuple[list[str], tf.data.Dataset, int, int]:
+  """This host's share of `files`: whole files when there are at least as many files as hosts,
+  else every file and records whose index % num_shards == shard index.
+
+  Returns (files, a dataset of their paths, shuffled if asked, record shard index, record
+  shard count).
+  """
+  files = list(files)
+  index, num = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
+  rec_index, rec_num = 0, 1
+  if num > 1:
+    if len(files) >= num:
+      files = files[index::num]
+    else:
+      rec_index, rec_num = index, num
+  files_ds = tf.data.Dataset.from_tensor_slices(files)
+  if shuffle:
+    files_ds = files_ds.shuffle(len(files), seed=seed)
+  return files, files_ds, rec_index, rec_num
+
+
 class TextSource(seqio.DataSource):
   """A seqio DataSource streaming validated documents as {"text": tf.string}.
 
@@ -82,17 +104,8 @@ class TextSource(seqio.DataSource):
       raise ValueError(f"split {split!r} has no files; known splits: {list(self._files)}")
     if split in self._tfds:
       return self._tfds_dataset(split, shuffle, seed, shard_info)
-    files = self._files[split]
-    index, num = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
-    rec_index, rec_num = 0, 1
-    if num > 1:
-      if len(files) >= num:
-        files = files[index::num]
-      else:
-        rec_index, rec_num = index, num
-    files_ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-      files_ds = files_ds.shuffle(len(files), seed=seed)
+    files, files_ds, rec_index, rec_num = shard_files(self._files[split], shard_info, shuffle,
+                                                      seed)
 
     def generate(path):
       for _, text in sources.read_texts(

@@ -175,17 +175,8 @@ class ThoughtRecordSource(seqio.DataSource):
   ) -> tf.data.Dataset:
     if split not in self._files:
       raise ValueError(f"split {split!r} has no record files; known splits: {list(self._files)}")
-    files = self._files[split]
-    index, num = (shard_info.index, shard_info.num_shards) if shard_info else (0, 1)
-    rec_index, rec_num = 0, 1
-    if num > 1:
-      if len(files) >= num:
-        files = files[index::num]
-      else:
-        rec_index, rec_num = index, num
-    files_ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-      files_ds = files_ds.shuffle(len(files), seed=seed)
+    files, files_ds, rec_index, rec_num = tasks.shard_files(self._files[split], shard_info,
+                                                            shuffle, seed)
 
     def read_file(path):
       ds = tf.data.TFRecordDataset(path).enumerate().shard(rec_num, rec_index)

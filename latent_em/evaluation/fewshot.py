@@ -289,7 +289,7 @@ def _greedy_sampler(model_cfg, max_gen_len, banned_ids, stop_ids, mesh, rules
                     ) -> sampler_lib.Sampler:
   cfg = sampler_lib.SamplingConfig(temperature=0.0, max_gen_len=max_gen_len,
                                    banned_ids=banned_ids)
-  key = (repr(model_cfg), cfg, stop_ids, mesh, repr(rules),
+  key = (repr(model_cfg), cfg, stop_ids, mesh, repr(rules) if mesh is not None else None,
          model_lib.decode, model_lib.init_cache)
   if key not in _SAMPLERS:
     if len(_SAMPLERS) >= _MAX_SAMPLERS:

@@ -147,10 +147,12 @@ def run(config, workdir: str) -> dict[str, Any]:
   model_cfg = runtime.model_config(config, tokenizer)
   params = train.load_init_params(cfg.init_from, model_cfg, key="config.eval.init_from")
   mesh_cfg = runtime.section(config, "mesh")
-  mesh = sharding.make_mesh(mesh_cfg, jax.local_devices())
-  rules = mesh_cfg.rules_list
-  params = jax.device_put(params, sharding.logical_to_sharding(
-      model_lib.logical_axes(model_cfg), mesh, rules))
+  mesh = rules = None  # one device: plain arrays, no sharding constraints
+  if jax.local_device_count() > 1:
+    mesh = sharding.make_mesh(mesh_cfg, jax.local_devices())
+    rules = mesh_cfg.rules_list
+    params = jax.device_put(params, sharding.logical_to_sharding(
+        model_lib.logical_axes(model_cfg), mesh, rules))
   data_seq_len = runtime.section(config, "data").seq_len
   bar = _Bar(cfg.progress_bar)
 
