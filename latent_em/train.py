@@ -125,6 +125,21 @@ def training_task(config, workdir: str, train_files, val_files, tokenizer) -> st
   return base
 
 
+def input_stats(task_name: str) -> dict[str, int]:
+  """Bad-input counts (read, kept, skipped per kind) of the raw text this run has read."""
+  import seqio
+  provider = seqio.get_mixture_or_task(task_name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  total: dict[str, int] = {}
+  for task in tasks:
+    stats = getattr(task.source, "stats", None)
+    if stats is not None:
+      stats.log()
+      for k, v in stats.summary().items():
+        total[k] = total.get(k, 0) + v
+  return total
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains per `config`; returns (and writes WORKDIR/train_summary.json) the final metrics."""
   from clu import metric_writers
@@ -262,7 +277,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       "steps": cfg_train.steps, "final_loss": last.get("loss"), "eval_nll_per_token": eval_nll,
       "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
       "params": n_params, "wall_s": time.perf_counter() - train_start, "params_dir": params_dir,
-      "tokenizer": tokenizer.path,
+      "tokenizer": tokenizer.path, "input": input_stats(task_name),
   }
   if jax.process_index() == 0:
     io_utils.write_json(os.path.join(workdir, "train_summary.json"), summary)

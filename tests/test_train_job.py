@@ -119,6 +119,7 @@ def test_cli_trains_and_reruns_as_resume(corpus, tmp_path):
   run_main(args)
   summary = json.load(open(tmp_path / "train_summary.json"))
   assert summary["steps"] == 4 and np.isfinite(summary["eval_nll_per_token"])
+  assert summary["input"]["docs_kept"] > 0 and summary["input"]["skipped"] == 0
   proc = run_main(args)
   assert "resuming from step 4" in proc.stderr
 
