@@ -458,8 +458,10 @@ def run_generation(args: argparse.Namespace, cfg: model.ModelConfig, backend: st
   for name in args.decoders:
     dec = make_decoder(name, cfg, params)
     if name != "ours":
-      res["logit_check"][name] = check_proto(cfg, params, dec.decode_fn,
-                                             jnp.asarray(prompts[:2, :16]))
+      diff = check_proto(cfg, params, dec.decode_fn, jnp.asarray(prompts[:2, :16]))
+      res["logit_check"][name] = diff
+      if cfg.dtype == "float32" and diff > 1e-3:
+        raise RuntimeError(f"{name}'s logits differ from model.decode by {diff:.2e}")
     runners.append(JaxRunner(name, dec, prompts, g))
   res["compile_s"] = {r.name: r.compile_s for r in runners}
   jax_names = [r.name for r in runners]

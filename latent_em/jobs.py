@@ -22,8 +22,13 @@ def _synthesize(config, workdir):
   return job.run(config, workdir)
 
 
+def _eval(config, workdir):
+  from latent_em.evaluation import job
+  return job.run(config, workdir)
+
+
 JOBS: dict[str, Callable[[Any, str], Any]] = {"train": _train, "estep": _estep,
-                                              "synthesize": _synthesize}
+                                              "synthesize": _synthesize, "eval": _eval}
 
 
 def run(config, workdir: str) -> Any:

@@ -28,6 +28,7 @@ def _sections() -> dict[str, Any]:
     from latent_em.data import mathcorpus
     from latent_em.data import thought_tasks
     from latent_em.estep import core as estep_core
+    from latent_em.evaluation import job as eval_job
     from latent_em.synthesis import job as synthesis_job
     SECTIONS.update({
         "model": model_lib.ModelConfig,
@@ -40,6 +41,7 @@ def _sections() -> dict[str, Any]:
         "corpus": mathcorpus.CorpusConfig,
         "estep": estep_core.EStepConfig,
         "mstep_data": thought_tasks.ThoughtDataConfig,
+        "eval": eval_job.EvalConfig,
         "synthesis": synthesis_job.SynthesisConfig,
     })
   return SECTIONS

@@ -278,6 +278,8 @@ def run(config, workdir: str) -> dict[str, Any]:
       "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
       "params": n_params, "wall_s": time.perf_counter() - train_start, "params_dir": params_dir,
       "tokenizer": tokenizer.path, "input": input_stats(task_name),
+      "data_format": (runtime.section(config, "mstep_data").format
+                      if runtime.section(config, "mstep_data").record_files else "raw"),
   }
   if jax.process_index() == 0:
     io_utils.write_json(os.path.join(workdir, "train_summary.json"), summary)

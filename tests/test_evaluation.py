@@ -235,41 +235,53 @@ def test_greedy_generation_matches_forward_loop(assets):
   # Stop on a token the reference produces at step 4 of prompt 0: rows must stop there.
   stop_tok = ref[0][0][3]
   ref = [_manual_greedy(cfg, params, p, gen, banned, {tok.eos_id, stop_tok}) for p in prompts]
-  assert ref[0] == (ref[0][0][:3], True) and ref[0][0][:3] != ref[1][0][:3]
+  assert ref[0] == (ref[0][0][:3], True)
   assert fewshot.generate(cfg, params, prompts, stop_ids=(tok.eos_id, stop_tok), **kw) == ref
   # evaluate_fewshot builds the same prompt and decodes the same greedy tokens.
   res = fewshot.evaluate_fewshot(cfg, params, tok, examples[2:3], "mathcorpus",
                                  exemplars=[], latent=False, max_gen_len=gen,
                                  batch_size=2, max_seq_len=budget + gen, keep_samples=1)
-  stops = {i for i in range(tok.vocab_size) if "\n\n" in tok.decode([i])} | {tok.eos_id}
+  stops = {i for i in range(tok.vocab_size)
+           if "\n\n" in tok.decode([i]) or "Question:" in tok.decode([i])} | {tok.eos_id}
   free = _manual_greedy(cfg, params, prompts[2], gen, banned, stops)
   assert res["samples"][0]["generation"] == tok.decode(free[0])
 
 
 def test_latent_tokens_never_generated_when_banned(assets, monkeypatch):
-  """With the latent tokens' logits boosted, the raw variant still never emits them."""
+  """With the latent tokens' logits boosted far above the rest, the raw variant still never
+  emits them: every step is the argmax over the allowed ids, while the unrestricted argmax
+  would have been a latent token."""
   _, tok, cfg, params, splits = assets
   latent_ids = sorted(tok.latent_ids.values())
+  boost = np.zeros((cfg.vocab_size,), np.float32)
+  boost[latent_ids] = 50.0
   real_decode = model.decode
 
   def boosted(cfg_, params_, tokens, cache, index, positions=None):
     logits, cache = real_decode(cfg_, params_, tokens, cache, index, positions)
-    return logits.at[..., jnp.asarray(latent_ids)].add(50.0), cache
+    return logits + boost, cache
 
   monkeypatch.setattr(model, "decode", boosted)
-  exemplars, examples = _examples(splits, "fewshot"), _examples(splits, "eval")[:2]
-  prompts = [fewshot.fit_prompt(tok, [], e.question, "mathcorpus", False, 128).ids
+  examples = _examples(splits, "eval")[:2]
+  prompts = [fewshot.fit_prompt(tok, [], e.question, "mathcorpus", False, 120).ids
              for e in examples]
-  kw = dict(max_gen_len=6, batch_size=2, max_seq_len=134, pad_id=tok.pad_id,
-            stop_ids=(tok.eos_id,))
-  raw = fewshot.generate(cfg, params, prompts,
-                         banned_ids=fewshot.banned_ids_for(tok, cfg, latent=False), **kw)
-  lat = fewshot.generate(cfg, params, prompts,
-                         banned_ids=fewshot.banned_ids_for(tok, cfg, latent=True), **kw)
-  assert all(len(ids) == 6 and not set(ids) & set(latent_ids) for ids, _ in raw)
-  assert all(set(ids) <= set(latent_ids) for ids, _ in lat)  # the boost works when allowed
+  banned = fewshot.banned_ids_for(tok, cfg, latent=False)
+  assert set(latent_ids) <= set(banned)
+  out = fewshot.generate(cfg, params, prompts, max_gen_len=8, batch_size=2, max_seq_len=128,
+                         pad_id=tok.pad_id, banned_ids=banned, stop_ids=(tok.eos_id,))
+  for prompt, (ids, _) in zip(prompts, out):
+    assert len(ids) == 8 and not set(ids) & set(latent_ids)
+    buf = np.zeros((1, 128), np.int32)
+    buf[0, :len(prompt) + len(ids)] = prompt + ids
+    logits = np.asarray(_FORWARD(cfg, params, jnp.asarray(buf))[0]) + boost
+    for i, t in enumerate(ids):
+      step = logits[len(prompt) - 1 + i].copy()
+      assert int(np.argmax(step)) in latent_ids
+      step[list(banned)] = -np.inf
+      assert int(np.argmax(step)) == t
   res = fewshot.evaluate_fewshot(cfg, params, tok, examples, "mathcorpus", exemplars=[],
-                                 latent=False, max_gen_len=6, batch_size=2, max_seq_len=134)
+                                 latent=False, max_gen_len=8, batch_size=2, max_seq_len=128)
+  assert res["samples"][0]["generation"] == tok.decode(out[0][0])
   assert all(formats.contains_latent_token(s["generation"]) is None for s in res["samples"])
 
 
@@ -343,8 +355,9 @@ def test_latent_auto_reads_the_training_workdir(tmp_path):
   assert not job.was_thought_trained(str(work))
   io_utils.write_json(str(work / "train_summary.json"), {"data_format": "random"})
   assert job.was_thought_trained(str(work)) and job.was_thought_trained(str(work / "params"))
-  io_utils.write_json(str(work / "train_summary.json"), {"data_format": "raw"})
-  assert job.variants("auto", str(work))[0] == [False]
+  for fmt in ("raw", "pure", "posterior_only"):  # no `SoL PRIOR z EoL x` in training
+    io_utils.write_json(str(work / "train_summary.json"), {"data_format": fmt})
+    assert job.variants("auto", str(work))[0] == [False]
   job.mark_thought_trained(str(work), iteration=1)
   assert job.variants("auto", str(work / "params"))[0] == [True]
   assert job.variants("both", str(work))[0] == [False, True]
@@ -353,6 +366,13 @@ def test_latent_auto_reads_the_training_workdir(tmp_path):
     fewshot.FewShotConfig(latent="sometimes")
   with pytest.raises(ValueError, match="config.eval.fewshot.gsm8k_dir"):
     fewshot.FewShotConfig(tasks=("gsm8k",))
+  config = config_defaults.base()
+  config.eval = ml_collections.ConfigDict({"fewshot": {"mathcorpus_shots": 2}})
+  with pytest.raises(ValueError, match="config.eval.init_from is empty"):
+    job.run(config, str(tmp_path / "out"))
+  config.eval.fewshot.shots = 2
+  with pytest.raises(ValueError, match="unknown config key config.eval.fewshot.shots"):
+    job.run(config, str(tmp_path / "out"))
 
 
 @needs_data
@@ -394,3 +414,52 @@ def test_eval_job_writes_results(assets, tmp_path):
   assert details["gsm8k"]["truncated"] == 2 and details["gsm8k"]["n"] == 2  # 8 shots > 120
   assert results["details"]["nll"]["docs"] == 2
   assert returned["accuracy"] == results["accuracy"]
+
+
+_SHARDED_JOB = """
+import dataclasses, json, os, sys
+import jax, ml_collections
+import test_evaluation as te
+from latent_em import checkpoint, config_defaults, model, tokenizer
+from latent_em.data import mathcorpus
+from latent_em.evaluation import job
+root = sys.argv[1]
+workdir = os.path.join(root, "train")
+if not os.path.exists(os.path.join(workdir, "params")):
+  splits = mathcorpus.make_splits(mathcorpus.CorpusConfig(**te.CORPUS))
+  tokenizer.train([d["text"] for d in splits["bootstrap"]],
+                  os.path.join(workdir, "tokenizer.model"), 360)
+  params = jax.jit(model.init_params, static_argnums=0)(model.ModelConfig(**te.MODEL),
+                                                        jax.random.key(0))
+  checkpoint.save_params(params, os.path.join(workdir, "params"))
+config = config_defaults.base()
+config.model.update(te.MODEL)
+config.corpus.update(te.CORPUS)
+config.estep.update(dict(max_seq_len=160, batch_chunks=4, prompt_bucket=152))
+config.estep.sampling.max_gen_len = 8
+if "eval" not in config:
+  config.eval = ml_collections.ConfigDict(dataclasses.asdict(job.EvalConfig()))
+config.eval.update(dict(init_from=workdir, nll_files=("builtin:mathcorpus/validation",),
+                        elbo_files=("builtin:mathcorpus/validation",), max_docs=2, seq_len=64,
+                        nll_batch_size=2, progress_bar=False))
+config.eval.fewshot.update(dict(tasks=("mathcorpus",), latent="both", max_examples=3,
+                                max_gen_len=8, batch_size=2, max_seq_len=128))
+r = job.run(config, os.path.join(root, "out%d" % jax.local_device_count()))
+print(json.dumps({"samples": [s["generation"] for s in r["samples"]], "nll": r["nll_per_token"],
+                  "elbo": r["elbo_per_token"]}))
+"""
+
+
+@pytest.mark.slow
+def test_sharded_eval_job_matches_single_device(tmp_path):
+  from conftest import run_python  # pylint: disable=import-outside-toplevel
+  code = _SHARDED_JOB.replace("sys.argv[1]", repr(str(tmp_path)))
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = {"PYTHONPATH": os.pathsep.join([tests, os.path.dirname(tests),
+                                        os.environ.get("PYTHONPATH", "")])}
+  one = json.loads(run_python(code, devices=1, env=env).strip().splitlines()[-1])
+  two = json.loads(run_python(code, devices=2, env=env).strip().splitlines()[-1])
+  assert one["samples"] == two["samples"] and len(one["samples"]) == 6
+  assert two["nll"] == pytest.approx(one["nll"], rel=1e-5)
+  for k in ("1", "2", "4"):
+    assert two["elbo"][k] == pytest.approx(one["elbo"][k], rel=1e-5)

@@ -164,7 +164,10 @@ class Engine:
     for r, it in enumerate(items):
       prompts[r, :len(it[5])] = it[5]
       lens[r] = len(it[5])
-    prompts[n_real:, 0] = self.tok.bos_id
+    # Filler rows copy the first prompt so they stop when it does (a lone BOS could keep the
+    # decode loop running to max_gen_len); their results are dropped.
+    prompts[n_real:] = prompts[0]
+    lens[n_real:] = lens[0]
     dev = self._put({"prompts": prompts, "lens": lens})
     sample = jax.device_get(self.sampler(self.params, dev["prompts"], dev["lens"], rng,
                                          num_samples=k))

@@ -21,6 +21,9 @@ Two variants:
 
 Prompts longer than the context (`max_seq_len - max_gen_len` tokens) drop their oldest exemplars
 one at a time; a question that does not fit even alone keeps its last tokens. Both are counted.
+
+Samplers are cached by (model, settings, stop ids, mesh), so tasks and variants that share them
+share compiled code; prompts are padded to power-of-two buckets (one compile per bucket).
 """
 from __future__ import annotations
 
@@ -333,10 +336,13 @@ def generate(model_cfg: model_lib.ModelConfig, params: Any, prompts: Sequence[Se
     for start in range(0, len(rows), batch_size):
       batch = rows[start:start + batch_size]
       tokens = np.full((batch_size, bucket), pad_id, np.int32)
-      lens = np.ones((batch_size,), np.int32)  # filler rows: one pad token
-      for r, i in enumerate(batch):
-        tokens[r, :len(prompts[i])] = prompts[i]
-        lens[r] = len(prompts[i])
+      lens = np.ones((batch_size,), np.int32)
+      # Filler rows repeat the first prompt, so they stop with it instead of running the decode
+      # loop to max_gen_len.
+      for r in range(batch_size):
+        p = prompts[batch[r] if r < len(batch) else batch[0]]
+        tokens[r, :len(p)] = p
+        lens[r] = len(p)
       if mesh is None:
         arrays = {"tokens": jnp.asarray(tokens), "lens": jnp.asarray(lens)}
       else:
@@ -406,7 +412,8 @@ def evaluate_fewshot(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
   Returns {"task", "latent", "accuracy", "n", "correct", "n_shots", "mean_shots_used",
   "truncated" (prompts that lost exemplars), "question_truncated", "no_answer" (no extractable
   answer), "no_eol" (latent variant: thought never closed), "hit_max_gen_len" (stopped by the
-  length limit before any separator: the answer may be cut short), "mean_gen_tokens", "per_subject" / "per_level" (MATH: {key: {"accuracy", "n"}}), "samples"}.
+  length limit before any separator: the answer may be cut short), "mean_gen_tokens",
+  "per_subject" / "per_level" (MATH: {key: {"accuracy", "n"}}), "samples"}.
   """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")

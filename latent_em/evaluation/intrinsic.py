@@ -13,6 +13,7 @@ validation_elbo  the importance-weighted bound with the E-step engine: for every
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -65,9 +66,9 @@ def validation_nll(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
   if mesh is not None:
     dp = sharding.data_parallel_size(mesh)
     rows = -(-batch_size // dp) * dp
-    put = lambda arrays: sharding.host_to_global(arrays, mesh)  # pylint: disable=unnecessary-lambda-assignment
+    put = functools.partial(sharding.host_to_global, mesh=mesh)
   logprob_fn = _logprob_fn(repr(model_cfg), model_cfg)
-  # Pack a few thousand pieces at a time: packing is host work, quadratic in the rows it holds.
+  # Pack 64 batches' worth of pieces at a time: first-fit packing is quadratic in its rows.
   total, start = 0.0, 0
   while start < len(pairs):
     group = pairs[start:start + 64 * rows]

@@ -28,7 +28,8 @@ from typing import Any
 import jax
 from absl import logging
 
-from latent_em import checkpoint, config_lib, io_utils, model as model_lib, runtime, sharding
+from latent_em import checkpoint, config_lib, formats, io_utils, model as model_lib, runtime
+from latent_em import sharding
 from latent_em.data import sources
 from latent_em.evaluation import fewshot, intrinsic
 
@@ -36,6 +37,8 @@ OUT_DIR = "eval"
 RESULTS = "results.json"
 # Written into a training workdir whose data carried thoughts: {"thought_trained": true, ...}.
 THOUGHT_MARKER = "thought_trained.json"
+# Training layouts with the prior form `SoL PRIOR z EoL x`, which the latent answer prompt uses.
+LATENT_FORMATS = (formats.DocFormat.RANDOM.value, formats.DocFormat.PRIOR_ONLY.value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +78,9 @@ def was_thought_trained(init_from: str) -> bool:
 
   Looks beside the checkpoint (in the workdir of WORKDIR/params): THOUGHT_MARKER decides
   ({"thought_trained": bool}, true when the key is absent); else train_summary.json's
-  "thought_trained" or, failing that, its "data_format" (anything but "raw" counts). A
-  checkpoint with neither (e.g. an imported HF model) is raw.
+  "thought_trained" or, failing that, its "data_format" (a formats.DocFormat value; only the
+  layouts in LATENT_FORMATS teach the prior form the latent prompt relies on). A checkpoint
+  with neither (e.g. an imported HF model) is raw.
   """
   directory = _source_dir(init_from)
   marker = os.path.join(directory, THOUGHT_MARKER)
@@ -88,7 +92,7 @@ def was_thought_trained(init_from: str) -> bool:
     if "thought_trained" in info:
       return bool(info["thought_trained"])
     if info.get("data_format"):
-      return info["data_format"] != "raw"
+      return info["data_format"] in LATENT_FORMATS
   return False
 
 
