@@ -543,23 +543,31 @@ def run_shared(args: argparse.Namespace) -> dict[str, Any]:
     prefill_s.append(time.perf_counter() - t0)
   res["prefill_s"] = _spread(prefill_s)
   res["load_before"] = _load()
-  for name in args.shared_decoders:
-    dec = make_decoder(name, cfg, params)
-    for k in args.shared_k:
-      runners = [JaxRunner("shared", dec, prompts, g, num_samples=k)]
+  decoders = {name: make_decoder(name, cfg, params) for name in args.shared_decoders}
+  for k in args.shared_k:
+    # Every decoder's shared and naive calls alternate within each round.
+    runners = []
+    for name, dec in decoders.items():
+      runners.append(JaxRunner(f"{name}/shared", dec, prompts, g, num_samples=k))
       if k > 1:
-        runners.append(JaxRunner("naive", dec, np.repeat(prompts, k, axis=0), g))
-      times = time_rounds(runners, args.shared_runs)
+        runners.append(JaxRunner(f"{name}/naive", dec, np.repeat(prompts, k, axis=0), g))
+    times = time_rounds(runners, args.shared_runs)
+    for name in decoders:
       row: dict[str, Any] = {"decoder": name, "k": k, "generated": b * k * g}
-      for r in runners:
-        row[r.name] = {"wall_s": _spread(times[r.name]["wall"]),
-                       "cpu_s": _spread(times[r.name]["cpu"]),
-                       "s_per_token": statistics.median(times[r.name]["wall"]) / (b * k * g)}
+      for mode in ("shared", "naive"):
+        t = times.get(f"{name}/{mode}")
+        if t:
+          row[mode] = {"wall_s": _spread(t["wall"]), "cpu_s": _spread(t["cpu"]),
+                       "s_per_token": statistics.median(t["wall"]) / (b * k * g)}
       if k > 1:
-        row["naive/shared"] = _ratios(times["naive"]["wall"], times["shared"]["wall"])
+        row["naive/shared"] = _ratios(times[f"{name}/naive"]["wall"],
+                                      times[f"{name}/shared"]["wall"])
+      if name != "ours" and "ours" in decoders:
+        row["speedup_over_ours"] = _ratios(times["ours/shared"]["wall"],
+                                           times[f"{name}/shared"]["wall"])
       res["rows"].append(row)
-      del runners
-      jax.clear_caches()
+    del runners
+    jax.clear_caches()
   res["load_after"] = _load()
   return res
 
@@ -641,17 +649,19 @@ def _format_shared(r: dict[str, Any]) -> list[str]:
            f"gen={s['gen_len']}  rounds={s['runs']}  load {s['load_before']:.1f} -> "
            f"{s['load_after']:.1f}  prefill of the {s['prompts']} prompts alone: "
            f"{_fmt_spread(s['prefill_s'], 's')}",
-           f"{'decoder':<14}{'K':>3}{'rows':>6}{'shared s/call':>22}{'ms/tok':>8}"
-           f"{'naive s/call':>22}{'ms/tok':>8}{'naive/shared':>22}"]
+           f"{'decoder':<14}{'K':>3}{'rows':>6}{'shared s/call':>24}{'ms/tok':>8}"
+           f"{'naive s/call':>24}{'ms/tok':>8}{'naive/shared':>22}{'shared vs ours':>22}"]
   for row in s["rows"]:
     sh, nv = row["shared"], row.get("naive")
     line = (f"{row['decoder']:<14}{row['k']:>3}{s['prompts'] * row['k']:>6}"
-            f"{_fmt_spread(sh['wall_s']):>22}{sh['s_per_token'] * 1e3:>8.1f}")
+            f"{_fmt_spread(sh['wall_s']):>24}{sh['s_per_token'] * 1e3:>8.1f}")
     if nv:
-      line += (f"{_fmt_spread(nv['wall_s']):>22}{nv['s_per_token'] * 1e3:>8.1f}"
+      line += (f"{_fmt_spread(nv['wall_s']):>24}{nv['s_per_token'] * 1e3:>8.1f}"
                f"{_fmt_spread(row['naive/shared'], 'x'):>22}")
     else:
-      line += f"{'(same call)':>22}{'':>8}{'1':>22}"
+      line += f"{'(same call)':>24}{'':>8}{'1':>22}"
+    if "speedup_over_ours" in row:
+      line += f"{_fmt_spread(row['speedup_over_ours'], 'x'):>22}"
     lines.append(line)
   return lines
 
