@@ -11,12 +11,11 @@ see the same load on a shared machine. Tokens/s counts generated tokens over the
 oversubscribed machine OpenMP's spinning threads can make the multi-threaded run several times
 slower, and the honest comparison is against the faster of the two.
 
-`--decoders` adds runners that use the same sampler with prototype decode functions, checked
-against `model.decode`'s logits before timing: `proto_layers` keeps one parameter set and one
-cache buffer per layer instead of `nn.scan`'s stacked ones (a decode step then neither slices
-every weight out of the stacked [L, ...] arrays nor slices out and re-stacks the whole
-[L, B, S, K, Dh] cache), and `proto_kv` also stores the cache [B, K, S, Dh] so attention reads it
-without transposing it.
+`--decoders=ours,proto_layers` adds a runner that uses the same sampler with a prototype decode
+function, checked against `model.decode`'s logits before timing: `proto_layers` keeps one
+parameter set and one cache buffer per layer instead of `nn.scan`'s stacked ones (a decode step
+then neither slices every weight out of the stacked [L, ...] arrays nor slices out and re-stacks
+the whole [L, B, K, S, Dh] cache).
 
 Part 2 (shared prompts). A prompt-heavy E-step shape (prompt 512, thought 128 tokens, the small
 preset): B prompts x K samples through one call with `num_samples=K` (prefill once per prompt)
@@ -26,10 +25,10 @@ Part 3 (memory-bandwidth bound). A decode step must read every weight and the fi
 so tokens/s <= rows / (bytes per step / bandwidth). The bandwidth is a measured large copy (or
 `--mem_bw_gbps`); the bound ignores prefill, so the ratio understates decode efficiency a little.
 
-  python benchmarks/sampler.py --preset=tiny --shared_decoders=ours,proto_kv
+  python benchmarks/sampler.py --preset=tiny --shared_decoders=ours,proto_layers
   python benchmarks/sampler.py --preset=small --batch=8 --skip_shared --json
   python benchmarks/sampler.py --preset=tinyllama --batch=128 --prompt_len=512 --gen_len=256 \\
-      --decoders=ours,proto_kv --skip_hf --skip_shared --mem_bw_gbps=3350   # GPU (H100 SXM)
+      --decoders=ours,proto_layers --skip_hf --skip_shared --mem_bw_gbps=3350   # GPU (H100 SXM)
 
 Results are recorded in docs/benchmarks.md.
 """
@@ -88,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--prompt_len", type=int, default=64)
   p.add_argument("--gen_len", type=int, default=64)
   p.add_argument("--runs", type=int, default=5, help="timed rounds per runner (part 1)")
-  p.add_argument("--decoders", default="ours,proto_layers,proto_kv",
+  p.add_argument("--decoders", default="ours,proto_layers",
                  help="decode implementations timed in part 1 (comma-separated; ours = "
                       "model.decode, the others are this file's prototypes)")
   p.add_argument("--skip_hf", action="store_true", help="do not run Hugging Face generate")
@@ -212,7 +211,7 @@ def unroll_layers(params: Any, n_layers: int) -> Any:
 
 class ProtoLayers:
   """`model.decode` over per-layer parameters (`unroll_layers`) and a tuple of per-layer caches
-  {"k", "v"}: [N, S, K, Dh] (batch axis 0), built from the model's own `Block`.
+  {"k", "v"}: [N, K, S, Dh] (batch axis 0), built from the model's own `Block`.
 
   Inside the sampler's while loop each layer's cache is its own loop-carried buffer that XLA
   updates in place. `nn.scan` instead slices every layer's weights out of the stacked [L, ...]
@@ -225,7 +224,7 @@ class ProtoLayers:
     self.cfg = cfg
 
   def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
-    return (batch, max_len, self.cfg.n_kv_heads, self.cfg.hd)
+    return (batch, self.cfg.n_kv_heads, max_len, self.cfg.hd)
 
   def init_cache(self, batch: int, max_len: int) -> tuple[dict[str, jax.Array], ...]:
     shape, dtype = self._cache_shape(batch, max_len), self.cfg.compute_dtype
@@ -257,56 +256,6 @@ class ProtoLayers:
     return logits.astype(jnp.float32), tuple(new_cache)
 
 
-class ProtoKV(ProtoLayers):
-  """ProtoLayers with each layer's cache stored [N, K, S, Dh] (kv heads before slots).
-
-  `model.Attention` keeps [N, S, K, Dh]; its score and value einsums batch over (n, k), so XLA
-  transposes the layer's whole K and V cache into [N, K, ., .] on every step. Here the cache
-  already has that layout and only the new token's K/V are transposed.
-  """
-
-  def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
-    return (batch, self.cfg.n_kv_heads, max_len, self.cfg.hd)
-
-  def _attention(self, p: Any, x_BTD: jax.Array, cache: dict[str, jax.Array],
-                 slots_BT: jax.Array, cache_index_B: jax.Array):
-    cfg = self.cfg
-    dt, h, k, dh = cfg.compute_dtype, cfg.n_heads, cfg.n_kv_heads, cfg.hd
-    b, t, _ = x_BTD.shape
-    q_BTHD = jnp.einsum("btd,dhe->bthe", x_BTD, p["q_proj"]["kernel"].astype(dt))
-    k_BTKD = jnp.einsum("btd,dke->btke", x_BTD, p["k_proj"]["kernel"].astype(dt))
-    v_BTKD = jnp.einsum("btd,dke->btke", x_BTD, p["v_proj"]["kernel"].astype(dt))
-    inv_freq = model.rope_frequencies(cfg)
-    q_BTHD = model.apply_rope(q_BTHD, slots_BT, inv_freq)
-    k_BTKD = model.apply_rope(k_BTKD, slots_BT, inv_freq)
-    write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (0, i, 0)))
-    keys_BKSD = write(cache["k"], k_BTKD.transpose(0, 2, 1, 3).astype(cache["k"].dtype),
-                      cache_index_B)
-    values_BKSD = write(cache["v"], v_BTKD.transpose(0, 2, 1, 3).astype(cache["v"].dtype),
-                        cache_index_B)
-    q_BTKGD = q_BTHD.reshape(b, t, k, h // k, dh)
-    logits = jnp.einsum("btkgd,bksd->bkgts", q_BTKGD, keys_BKSD.astype(dt)).astype(jnp.float32)
-    logits = logits / jnp.sqrt(jnp.float32(dh))
-    mask_BTS = jnp.arange(keys_BKSD.shape[2])[None, None, :] <= slots_BT[:, :, None]
-    logits = jnp.where(mask_BTS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out_BTHD = jnp.einsum("bkgts,bksd->btkgd", probs, values_BKSD.astype(dt)).reshape(b, t, h, dh)
-    out_BTD = jnp.einsum("bthe,hed->btd", out_BTHD, p["o_proj"]["kernel"].astype(dt))
-    return out_BTD, {"k": keys_BKSD, "v": values_BKSD}
-
-  def _block(self, p, x_BTD, cache, slots_BT, cache_index_B):
-    dt = self.cfg.compute_dtype
-    norm = model.RMSNorm(self.cfg)
-    attn, cache = self._attention(p["attn"], norm.apply({"params": p["attn_norm"]}, x_BTD),
-                                  cache, slots_BT, cache_index_B)
-    x_BTD = x_BTD + attn
-    y = norm.apply({"params": p["mlp_norm"]}, x_BTD)
-    m = p["mlp"]
-    hidden = (jax.nn.silu(y @ m["gate_proj"]["kernel"].astype(dt))
-              * (y @ m["up_proj"]["kernel"].astype(dt)))
-    return x_BTD + hidden @ m["down_proj"]["kernel"].astype(dt), cache
-
-
 def check_proto(cfg: model.ModelConfig, params: Any, proto: ProtoLayers,
                 prompts: jax.Array) -> float:
   """Max |logit difference| between model.decode and a prototype on a prefill + one step."""
@@ -330,7 +279,7 @@ class Decoder:
   cache_batch_axis: int
 
 
-DECODERS = ("ours", "proto_layers", "proto_kv")
+DECODERS = ("ours", "proto_layers")
 
 
 def make_decoder(name: str, cfg: model.ModelConfig, params: Any) -> Decoder:
@@ -338,7 +287,7 @@ def make_decoder(name: str, cfg: model.ModelConfig, params: Any) -> Decoder:
   if name == "ours":
     return Decoder(functools.partial(model.decode, cfg), functools.partial(model.init_cache, cfg),
                    params, cache_batch_axis=1)
-  proto = {"proto_layers": ProtoLayers, "proto_kv": ProtoKV}[name](cfg)
+  proto = ProtoLayers(cfg)
   return Decoder(proto, proto.init_cache, unroll_layers(params, cfg.n_layers),
                  proto.cache_batch_axis)
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from latent_em import config_lib
 
 Array = jax.Array
-Cache = dict[str, Array]  # {"k": [L, B, S, K, Dh], "v": [L, B, S, K, Dh]}
+Cache = dict[str, Array]  # {"k": [L, B, K, S, Dh], "v": [L, B, K, S, Dh]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,24 +147,26 @@ class Attention(nn.Module):
     q_BTHD = _constrain(q_BTHD, ("activation_batch", "activation_length", "activation_heads",
                                  "activation_kv"))
 
+    # Attention runs head-major ([B, K, ., ., Dh]): XLA then batches its matmuls over (b, k)
+    # without transposing keys and values, and the cache is stored in that layout.
+    k_BKTD = k_BTKD.transpose(0, 2, 1, 3)
+    v_BKTD = v_BTKD.transpose(0, 2, 1, 3)
     new_cache = None
     if cache is not None:
-      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (i, 0, 0)))
-      keys = write(cache["k"], k_BTKD.astype(cache["k"].dtype), cache_index_B)
-      values = write(cache["v"], v_BTKD.astype(cache["v"].dtype), cache_index_B)
+      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (0, i, 0)))
+      keys = write(cache["k"], k_BKTD.astype(cache["k"].dtype), cache_index_B)
+      values = write(cache["v"], v_BKTD.astype(cache["v"].dtype), cache_index_B)
       new_cache = {"k": keys, "v": values}
       keys, values = keys.astype(cfg.compute_dtype), values.astype(cfg.compute_dtype)
     else:
-      keys, values = k_BTKD, v_BTKD
-    keys = _constrain(keys, ("activation_batch", "activation_length", "activation_kv_heads",
-                             "activation_kv"))
-    values = _constrain(values, ("activation_batch", "activation_length", "activation_kv_heads",
-                                 "activation_kv"))
+      keys, values = k_BKTD, v_BKTD
+    kv_axes = ("activation_batch", "activation_kv_heads", "activation_length", "activation_kv")
+    keys, values = _constrain(keys, kv_axes), _constrain(values, kv_axes)
 
     b, t = q_BTHD.shape[:2]
-    s = keys.shape[1]
-    q_BTKGD = q_BTHD.reshape(b, t, k, h // k, dh)
-    logits_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, keys).astype(jnp.float32)
+    s = keys.shape[2]
+    q_BKGTD = q_BTHD.reshape(b, t, k, h // k, dh).transpose(0, 2, 3, 1, 4)
+    logits_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, keys).astype(jnp.float32)
     logits_BKGTS = logits_BKGTS / jnp.sqrt(jnp.float32(dh))
     kv_slots = jnp.arange(s)
     mask_BTS = kv_slots[None, None, :] <= q_slots_BT[:, :, None]
@@ -172,8 +174,8 @@ class Attention(nn.Module):
       mask_BTS &= kv_segments_BS[:, None, :] == q_segments_BT[:, :, None]
     logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits_BKGTS, axis=-1).astype(cfg.compute_dtype)
-    out_BTKGD = jnp.einsum("bkgts,bskd->btkgd", probs, values)
-    out_BTHD = out_BTKGD.reshape(b, t, h, dh)
+    out_BKGTD = jnp.einsum("bkgts,bksd->bkgtd", probs, values)
+    out_BTHD = out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
     out = _dense(cfg, cfg.dim, (-2, -1), ("q_heads", "kv", "embed"), "o_proj")(out_BTHD)
     return out, new_cache
 
@@ -293,14 +295,15 @@ def forward(cfg: ModelConfig, params: Any, tokens: Array, positions: Array | Non
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-  """Zeroed KV cache {"k", "v"}: [L, B, S, K, Dh] each (layer axis first, as nn.scan stacks)."""
-  shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.hd)
+  """Zeroed KV cache {"k", "v"}: [L, B, K, S, Dh] each (layer axis first, as nn.scan stacks;
+  kv heads before slots, the layout attention reads)."""
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.hd)
   dtype = dtype or cfg.compute_dtype
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-CACHE_AXES = {"k": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_kv"),
-              "v": ("layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_kv")}
+CACHE_AXES = {"k": ("layers", "cache_batch", "cache_kv_heads", "cache_length", "cache_kv"),
+              "v": ("layers", "cache_batch", "cache_kv_heads", "cache_length", "cache_kv")}
 
 
 def decode(cfg: ModelConfig, params: Any, tokens: Array, cache: Cache, cache_index: Array,

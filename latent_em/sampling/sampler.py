@@ -132,7 +132,7 @@ class Sampler:
   """Jitted prefill + decode loop for a fixed (decode_fn, init_cache, config, stop ids).
 
   `cache_batch_axis` is the batch axis of every cache leaf (1 for `model.init_cache`'s
-  [L, B, S, K, Dh] layout); the K samples of a prompt repeat its prefilled cache along it.
+  [L, B, K, S, Dh] layout); the K samples of a prompt repeat its prefilled cache along it.
 
   Compiles once per (batch size, prompt bucket, K); feed it prompts bucketed with
   `bucket_length` so a corpus does not trigger a recompile per batch.
