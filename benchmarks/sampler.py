@@ -11,11 +11,10 @@ see the same load on a shared machine. Tokens/s counts generated tokens over the
 oversubscribed machine OpenMP's spinning threads can make the multi-threaded run several times
 slower, and the honest comparison is against the faster of the two.
 
-`--decoders=ours,proto_layers` adds a runner that uses the same sampler with a prototype decode
-function, checked against `model.decode`'s logits before timing: `proto_layers` keeps one
-parameter set and one cache buffer per layer instead of `nn.scan`'s stacked ones (a decode step
-then neither slices every weight out of the stacked [L, ...] arrays nor slices out and re-stacks
-the whole [L, B, K, S, Dh] cache).
+`--decoders=ours,scan` adds a runner that uses the same sampler with the layer loop written as
+one `lax.scan` over stacked weights and a stacked [L, B, K, S, Dh] cache (`ScanDecode`, checked
+against `model.decode`'s logits before timing). `model.decode` runs the layers one by one over
+per-layer cache buffers; the `scan` runner shows what that buys.
 
 Part 2 (shared prompts). A prompt-heavy E-step shape (prompt 512, thought 128 tokens, the small
 preset): B prompts x K samples through one call with `num_samples=K` (prefill once per prompt)
@@ -25,10 +24,10 @@ Part 3 (memory-bandwidth bound). A decode step must read every weight and the fi
 so tokens/s <= rows / (bytes per step / bandwidth). The bandwidth is a measured large copy (or
 `--mem_bw_gbps`); the bound ignores prefill, so the ratio understates decode efficiency a little.
 
-  python benchmarks/sampler.py --preset=tiny --shared_decoders=ours,proto_layers
+  python benchmarks/sampler.py --preset=tiny --shared_decoders=ours,scan
   python benchmarks/sampler.py --preset=small --batch=8 --skip_shared --json
   python benchmarks/sampler.py --preset=tinyllama --batch=128 --prompt_len=512 --gen_len=256 \\
-      --decoders=ours,proto_layers --skip_hf --skip_shared --mem_bw_gbps=3350   # GPU (H100 SXM)
+      --decoders=ours --skip_hf --skip_shared --mem_bw_gbps=3350   # GPU (H100 SXM)
 
 Results are recorded in docs/benchmarks.md.
 """
@@ -87,9 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--prompt_len", type=int, default=64)
   p.add_argument("--gen_len", type=int, default=64)
   p.add_argument("--runs", type=int, default=5, help="timed rounds per runner (part 1)")
-  p.add_argument("--decoders", default="ours,proto_layers",
+  p.add_argument("--decoders", default="ours,scan",
                  help="decode implementations timed in part 1 (comma-separated; ours = "
-                      "model.decode, the others are this file's prototypes)")
+                      "model.decode, scan = ScanDecode)")
   p.add_argument("--skip_hf", action="store_true", help="do not run Hugging Face generate")
   p.add_argument("--skip_shared", action="store_true", help="skip part 2")
   p.add_argument("--shared_preset", choices=sorted(PRESETS), default="small")
@@ -198,75 +197,59 @@ def decode_bytes_per_step(cfg: model.ModelConfig, rows: int, context: float) -> 
   return (weights + embed_rows) * param_bytes + kv * cache_bytes
 
 
-# ----------------------------------------------------------------------------- prototype decode
+# ----------------------------------------------------------------------------- scanned decode
 
 
-def unroll_layers(params: Any, n_layers: int) -> Any:
-  """The scanned params tree with 'layers' turned into a tuple of per-layer trees."""
-  out = {k: v for k, v in params.items() if k != "layers"}
-  out["layers"] = tuple(jax.tree.map(lambda x, i=i: x[i], params["layers"])
-                        for i in range(n_layers))
-  return out
+class ScanDecode:
+  """The layer loop as one `lax.scan` over the stacked [L, ...] weights and a stacked
+  {"k", "v"}: [L, N, K, S, Dh] cache (what `nn.scan` compiles to), with the model's own `Block`.
 
-
-class ProtoLayers:
-  """`model.decode` over per-layer parameters (`unroll_layers`) and a tuple of per-layer caches
-  {"k", "v"}: [N, K, S, Dh] (batch axis 0), built from the model's own `Block`.
-
-  Inside the sampler's while loop each layer's cache is its own loop-carried buffer that XLA
-  updates in place. `nn.scan` instead slices every layer's weights out of the stacked [L, ...]
-  arrays and slices out / stacks back the whole [L, N, S, K, Dh] cache on every step.
+  `model.decode` instead runs the layers one after another over per-layer cache buffers; this
+  runner measures what that choice buys inside the sampler's while loop.
   """
 
-  cache_batch_axis = 0
+  cache_batch_axis = 1
 
   def __init__(self, cfg: model.ModelConfig):
     self.cfg = cfg
 
-  def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
-    return (batch, self.cfg.n_kv_heads, max_len, self.cfg.hd)
+  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    cfg = self.cfg
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.hd)
+    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
 
-  def init_cache(self, batch: int, max_len: int) -> tuple[dict[str, jax.Array], ...]:
-    shape, dtype = self._cache_shape(batch, max_len), self.cfg.compute_dtype
-    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                 for _ in range(self.cfg.n_layers))
-
-  def _block(self, p: Any, x_BTD: jax.Array, cache: dict[str, jax.Array], slots_BT: jax.Array,
-             cache_index_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    return model.Block(self.cfg).apply({"params": p}, x_BTD, cache, slots_BT, slots_BT, None,
-                                       None, cache_index_B)
-
-  def __call__(self, params: Any, tokens_BT: jax.Array, cache: tuple,
-               cache_index_B: jax.Array) -> tuple[jax.Array, tuple]:
-    """Same contract as `model.decode`: logits [N, T, V] fp32 and the updated caches."""
+  def __call__(self, params: Any, tokens_BT: jax.Array, cache: dict[str, jax.Array],
+               cache_index_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.cfg
     dt = cfg.compute_dtype
     slots_BT = cache_index_B[:, None] + jnp.arange(tokens_BT.shape[1])[None, :]
     table = params["embed"]["embedding"]
     x = jnp.take(table.astype(dt), tokens_BT, axis=0)
-    new_cache = []
-    for layer_params, layer_cache in zip(params["layers"], cache):
-      x, c = self._block(layer_params, x, layer_cache, slots_BT, cache_index_B)
-      new_cache.append(c)
+
+    def body(x, layer):
+      p, c = layer
+      return model.Block(cfg).apply({"params": p}, x, c, slots_BT, slots_BT, None, None,
+                                    cache_index_B)
+
+    x, new_cache = jax.lax.scan(body, x, (params["layers"], cache))
     x = model.RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
     if cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, table.astype(dt))
     else:
       logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]["kernel"].astype(dt))
-    return logits.astype(jnp.float32), tuple(new_cache)
+    return logits.astype(jnp.float32), new_cache
 
 
-def check_proto(cfg: model.ModelConfig, params: Any, proto: ProtoLayers,
-                prompts: jax.Array) -> float:
-  """Max |logit difference| between model.decode and a prototype on a prefill + one step."""
+def check_decoder(cfg: model.ModelConfig, params: Any, dec: ScanDecode,
+                  prompts: jax.Array) -> float:
+  """Max |logit difference| between model.decode and another decoder on a prefill + one step."""
   b, p = prompts.shape
   zeros = jnp.zeros((b,), jnp.int32)
-  proto_params = unroll_layers(params, cfg.n_layers)
   ref, ref_cache = model.decode(cfg, params, prompts, model.init_cache(cfg, b, p + 1), zeros)
-  got, got_cache = proto(proto_params, prompts, proto.init_cache(b, p + 1), zeros)
+  got, got_cache = dec(params, prompts, dec.init_cache(b, p + 1), zeros)
   nxt = prompts[:, :1]
   ref2, _ = model.decode(cfg, params, nxt, ref_cache, zeros + p)
-  got2, _ = proto(proto_params, nxt, got_cache, zeros + p)
+  got2, _ = dec(params, nxt, got_cache, zeros + p)
   return float(max(jnp.max(jnp.abs(ref - got)), jnp.max(jnp.abs(ref2 - got2))))
 
 
@@ -279,17 +262,16 @@ class Decoder:
   cache_batch_axis: int
 
 
-DECODERS = ("ours", "proto_layers")
+DECODERS = ("ours", "scan")
 
 
 def make_decoder(name: str, cfg: model.ModelConfig, params: Any) -> Decoder:
-  """'ours' is model.decode as the E-step uses it; the others are the prototypes above."""
+  """'ours' is model.decode as the E-step uses it; 'scan' is ScanDecode above."""
   if name == "ours":
     return Decoder(functools.partial(model.decode, cfg), functools.partial(model.init_cache, cfg),
                    params, cache_batch_axis=1)
-  proto = ProtoLayers(cfg)
-  return Decoder(proto, proto.init_cache, unroll_layers(params, cfg.n_layers),
-                 proto.cache_batch_axis)
+  dec = ScanDecode(cfg)
+  return Decoder(dec, dec.init_cache, params, dec.cache_batch_axis)
 
 
 # ----------------------------------------------------------------------------- runners
@@ -397,7 +379,7 @@ def init_params(cfg: model.ModelConfig) -> Any:
 
 def run_generation(args: argparse.Namespace, cfg: model.ModelConfig, backend: str,
                    cores: int) -> dict[str, Any]:
-  """Part 1: tokens/s of our sampler (and prototypes) vs HF generate, alternating rounds."""
+  """Part 1: tokens/s of our sampler (and the scan variant) vs HF generate, alternating rounds."""
   b, p, g = args.batch, args.prompt_len, args.gen_len
   res: dict[str, Any] = {"batch": b, "prompt_len": p, "gen_len": g, "runs": args.runs,
                          "params": model.param_count(cfg), "logit_check": {}}
@@ -407,7 +389,7 @@ def run_generation(args: argparse.Namespace, cfg: model.ModelConfig, backend: st
   for name in args.decoders:
     dec = make_decoder(name, cfg, params)
     if name != "ours":
-      diff = check_proto(cfg, params, dec.decode_fn, jnp.asarray(prompts[:2, :16]))
+      diff = check_decoder(cfg, params, dec.decode_fn, jnp.asarray(prompts[:2, :16]))
       res["logit_check"][name] = diff
       if cfg.dtype == "float32" and diff > 1e-3:
         raise RuntimeError(f"{name}'s logits differ from model.decode by {diff:.2e}")

@@ -27,8 +27,14 @@ def _eval(config, workdir):
   return job.run(config, workdir)
 
 
+def _em(config, workdir):
+  from latent_em.em import job
+  return job.run(config, workdir)
+
+
 JOBS: dict[str, Callable[[Any, str], Any]] = {"train": _train, "estep": _estep,
-                                              "synthesize": _synthesize, "eval": _eval}
+                                              "synthesize": _synthesize, "eval": _eval,
+                                              "em": _em}
 
 
 def run(config, workdir: str) -> Any:

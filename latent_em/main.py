@@ -21,9 +21,25 @@ def _quiet_library_info(record) -> bool:
   return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _enable_compilation_cache() -> None:
+  """Persistent XLA cache, so that stages and reruns with the same shapes skip recompiling.
+
+  $JAX_COMPILATION_CACHE_DIR wins (set it to "" to disable); default ~/.cache/latent_em/xla.
+  """
+  import os
+  import jax
+  directory = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if directory is None:
+    directory = os.path.join(os.path.expanduser("~"), ".cache", "latent_em", "xla")
+  if directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv) -> None:
   del argv
   logging.get_absl_handler().addFilter(_quiet_library_info)
+  _enable_compilation_cache()
   from latent_em import config_lib, jobs, runtime, sharding
   config = _CONFIG.value
   try:

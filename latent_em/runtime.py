@@ -26,6 +26,7 @@ def _sections() -> dict[str, Any]:
   if not SECTIONS:
     from latent_em import train  # late import: train imports runtime
     from latent_em.data import mathcorpus
+    from latent_em.em import job as em_job
     from latent_em.data import thought_tasks
     from latent_em.estep import core as estep_core
     from latent_em.evaluation import job as eval_job
@@ -43,6 +44,7 @@ def _sections() -> dict[str, Any]:
         "mstep_data": thought_tasks.ThoughtDataConfig,
         "eval": eval_job.EvalConfig,
         "synthesis": synthesis_job.SynthesisConfig,
+        "em": em_job.EMConfig,
     })
   return SECTIONS
 

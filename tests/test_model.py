@@ -60,7 +60,7 @@ def test_bucketed_padding_and_shared_prompt_cache(params):
   for b, n in enumerate(lengths):
     padded[b, n:] = 0
   _, cache = model.decode(CFG, params, jnp.asarray(padded), cache, jnp.zeros(2, jnp.int32))
-  cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=1), cache)  # [L, B*K, S, ...]
+  cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=0), cache)  # per layer [B*K, K, S, Dh]
   index = jnp.asarray(np.repeat(lengths, k))
   outs = []
   for t in range(gen):

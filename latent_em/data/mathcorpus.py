@@ -43,13 +43,14 @@ class CorpusConfig:
   n_validation: int = 300
   n_eval: int = 200
   n_fewshot: int = 8
+  n_fresh: int = 0          # extra distinct stories for the raw_fresh baseline
   max_steps: int = 3        # equations in the working of one derived quantity
   max_operand: int = 50     # largest given (stated) number
   max_value: int = 99       # largest value anywhere (given, intermediate or derived)
 
   def __post_init__(self):
     key = "config.corpus"
-    for name in ("n_warmstart", "n_bootstrap", "n_validation", "n_eval", "n_fewshot"):
+    for name in ("n_warmstart", "n_bootstrap", "n_validation", "n_eval", "n_fewshot", "n_fresh"):
       config_lib.check(getattr(self, name) >= 0, f"{key}.{name}",
                        f"must be >= 0, got {getattr(self, name)}")
     config_lib.check(2 <= self.max_steps <= 4, f"{key}.max_steps",
@@ -523,6 +524,24 @@ def oracle_thought(prefix: str, suffix: str) -> str | None:
   return " ".join(parts) if parts else None
 
 
+def oracle_cot(prefix: str, suffix: str) -> str:
+  """The oracle's WRAP-CoT rewrite of `suffix`: each sentence that states a derived quantity is
+  preceded by its working ("52 - 5 = 47. Now she has 47 marbles."); other sentences are kept.
+
+  Sentences keep their original spacing, so with no derived quantity the result is `suffix`.
+  """
+  before = split_sentences(prefix)
+  chunk = split_sentences(suffix)
+  thoughts = sentence_thoughts(before + chunk)[len(before):]
+  out = []
+  for sentence, thought in zip(chunk, thoughts):
+    if thought:
+      lead = sentence[:len(sentence) - len(sentence.lstrip())]
+      sentence = f"{lead}{thought} {sentence.lstrip()}"
+    out.append(sentence)
+  return "".join(out)
+
+
 def derived_numbers(sentences: Sequence[str]) -> list[int | None]:
   """The derived number stated by each sentence (None for sentences of given facts only)."""
   out = []
@@ -939,14 +958,14 @@ def generate_question(rng: random.Random, cfg: CorpusConfig | None = None,
 
 # ------------------------------------------------------------------------------------ splits
 
-TEXT_SPLITS = ("warmstart", "bootstrap", "validation")
+TEXT_SPLITS = ("warmstart", "bootstrap", "validation", "fresh")
 QA_SPLITS = ("fewshot", "eval")
 
 
 def make_splits(cfg: CorpusConfig | Any = None) -> dict[str, list[dict[str, Any]]]:
   """The corpus: story splits of {"id", "text"}, question splits of question records.
 
-  Returns {"warmstart", "bootstrap", "validation": [{"id", "text"}],
+  Returns {"warmstart", "bootstrap", "validation", "fresh": [{"id", "text"}],
   "fewshot", "eval": [{"id", "question", "solution", "answer", "steps"}]}. Each split has its
   own random stream (seeded by cfg.seed and its name), so resizing one split leaves the others'
   contents unchanged; no text or question appears in two splits or twice in one.

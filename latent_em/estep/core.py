@@ -114,8 +114,7 @@ class Engine:
     if mesh is not None:
       rules = list(rules or sharding.DEFAULT_RULES)
       cache_sharding = sharding.logical_to_sharding(
-          {k: jax.sharding.PartitionSpec(*v) for k, v in model_lib.CACHE_AXES.items()}, mesh,
-          rules)
+          model_lib.cache_partition_specs(model_cfg), mesh, rules)
       param_shardings = sharding.logical_to_sharding(model_lib.logical_axes(model_cfg), mesh,
                                                      rules)
       params = jax.device_put(params, param_shardings)

@@ -275,12 +275,11 @@ def banned_ids_for(tokenizer, model_cfg: model_lib.ModelConfig, latent: bool) ->
   return tuple(sorted(banned))
 
 
-def _cache_sharding(mesh, rules):
+def _cache_sharding(model_cfg, mesh, rules):
   if mesh is None:
     return None
   return sharding.logical_to_sharding(
-      {k: jax.sharding.PartitionSpec(*v) for k, v in model_lib.CACHE_AXES.items()}, mesh,
-      list(rules or sharding.DEFAULT_RULES))
+      model_lib.cache_partition_specs(model_cfg), mesh, list(rules or sharding.DEFAULT_RULES))
 
 
 # Samplers by (model, settings, mesh): tasks and variants that share them share compiled code.
@@ -300,7 +299,7 @@ def _greedy_sampler(model_cfg, max_gen_len, banned_ids, stop_ids, mesh, rules
     _SAMPLERS[key] = sampler_lib.Sampler(
         functools.partial(model_lib.decode, model_cfg),
         functools.partial(model_lib.init_cache, model_cfg), cfg, stop_ids=stop_ids,
-        cache_sharding=_cache_sharding(mesh, rules))
+        cache_sharding=_cache_sharding(model_cfg, mesh, rules))
   return _SAMPLERS[key]
 
 

@@ -131,8 +131,9 @@ def _sample_loop(decode_fn, params, first_logits, cache, start_index, rng, stop_
 class Sampler:
   """Jitted prefill + decode loop for a fixed (decode_fn, init_cache, config, stop ids).
 
-  `cache_batch_axis` is the batch axis of every cache leaf (1 for `model.init_cache`'s
-  [L, B, K, S, Dh] layout); the K samples of a prompt repeat its prefilled cache along it.
+  `cache_batch_axis` is the batch axis of every cache leaf (0 for `model.init_cache`'s
+  per-layer [B, K, S, Dh] buffers); the K samples of a prompt repeat its prefilled cache
+  along it.
 
   Compiles once per (batch size, prompt bucket, K); feed it prompts bucketed with
   `bucket_length` so a corpus does not trigger a recompile per batch.
@@ -140,7 +141,7 @@ class Sampler:
 
   def __init__(self, decode_fn: Callable, init_cache: Callable[[int, int], Any],
                cfg: SamplingConfig, stop_ids: tuple[int, ...] = (),
-               cache_sharding: Any = None, cache_batch_axis: int = 1):
+               cache_sharding: Any = None, cache_batch_axis: int = 0):
     self.cache_batch_axis = cache_batch_axis
     self.decode_fn = decode_fn
     self.init_cache = init_cache

@@ -30,9 +30,13 @@ class Request:
     messages: chat messages, [{"role": ..., "content": ...}, ...].
     tag: the caller's label for logs and errors (e.g. "file.jsonl:3#chunk2"); not part of the
       cache key.
+    context: what the messages were built from, for backends that read it instead of the
+      messages (oracle_backend): {"kind", "document_prefix" (everything before the chunk),
+      "suffix"}. Not part of the cache key.
   """
   messages: tuple[dict, ...]
   tag: str = ""
+  context: dict | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ from latent_em.synthesis import prompts as prompts_lib
 from latent_em.synthesis.backend import Backend, Request, Result
 from latent_em.synthesis.cache import CachingBackend, RequestCache
 
-BACKENDS = ("api", "local")
+BACKENDS = ("api", "local", "oracle")
 ON_FAILURE = ("keep", "drop_doc")
 
 
@@ -47,7 +47,9 @@ class SynthesisConfig:
   """`config.synthesis`: the teacher, the corpus and the output layout.
 
   Attributes:
-    backend: "api" (an OpenAI-compatible endpoint) or "local" (needs latent_em.sampling).
+    backend: "api" (an OpenAI-compatible endpoint), "local" (one of our checkpoints through
+      latent_em.sampling) or "oracle" (the built-in corpus' rule-based teacher; kinds
+      latent_thoughts and wrap_cot only; see oracle_backend.py).
     kind: "latent_thoughts" or a WRAP style (prompts_lib.KINDS).
     base_url / model / api_key_env / transport: the endpoint (see api_backend.ApiBackend).
     max_concurrency / max_retries / timeout_s / backoff_base_s / backoff_max_s: request policy.
@@ -134,6 +136,9 @@ def make_backend(cfg: SynthesisConfig, config: Any = None) -> Backend:
   For "local", config.synthesis.model is the checkpoint (a finished train workdir or a params
   dir) and config.model / config.tokenizer describe it.
   """
+  if cfg.backend == "oracle":
+    from latent_em.synthesis.oracle_backend import OracleBackend  # pylint: disable=g-import-not-at-top
+    return OracleBackend(cfg.kind)
   if cfg.backend == "local":
     from latent_em import runtime, train  # pylint: disable=g-import-not-at-top
     from latent_em.estep.job import tokenizer_for  # pylint: disable=g-import-not-at-top
@@ -231,7 +236,10 @@ def _shard_requests(docs: list[tuple[str, str]], cfg: SynthesisConfig):
     pairs_per_doc.append(pairs)
     for pair in pairs:
       messages = prompts_lib.build_messages(cfg.kind, pair.prefix, pair.suffix, cfg.prompts)
-      requests.append(Request(tuple(messages), tag=f"{doc_id}#chunk{pair.index}"))
+      context = {"kind": cfg.kind, "document_prefix": "".join(chunks[:pair.index]),
+                 "suffix": pair.suffix}
+      requests.append(Request(tuple(messages), tag=f"{doc_id}#chunk{pair.index}",
+                              context=context))
   return pairs_per_doc, requests
 
 
@@ -261,7 +269,7 @@ def _shard_records(docs, pairs_per_doc, results: list[Result], cfg: SynthesisCon
       counts["docs_dropped"] += 1
       continue
     counts["docs_written"] += 1
-    counts["chunks_with_thought"] += len(pairs) - failed
+    counts["chunks_with_thought"] += sum(1 for c in chunk_records if c.thought is not None)
     meta = {"synthesis": {"kind": cfg.kind, "model": model, "failed_chunks": failed}}
     out.append(records.DocRecord(doc_id=doc_id, text=text, chunks=chunk_records, meta=meta))
   stats = {k: counts[k] for k in _DOC_COUNTS}
@@ -310,7 +318,10 @@ def run(config: Any, workdir: str, backend: Backend | None = None) -> dict[str, 
   per_shard = math.ceil(num_docs / num_shards)
 
   inner = backend if backend is not None else make_backend(cfg, config)
-  cached = CachingBackend(inner, RequestCache(cfg.cache_dir or os.path.join(out_dir, "cache")))
+  if getattr(inner, "cacheable", True):
+    cached = CachingBackend(inner, RequestCache(cfg.cache_dir or os.path.join(out_dir, "cache")))
+  else:  # a free, deterministic backend: one cache file per chunk would only cost time
+    cached = inner
   identity = cached.identity()
   _check_plan(out_dir, _fingerprint(cfg, identity, files, num_docs, num_shards, per_shard))
   model = str(identity.get("model", ""))
@@ -379,7 +390,8 @@ def _summary(cfg, out_dir, paths, identity, cached, input_stats, written, skippe
     failed_kinds.update(stats["failed_chunks_by_kind"])
   out: dict[str, Any] = {
       "kind": cfg.kind, "source": prompts_lib.source_tag(cfg.kind), "backend": identity,
-      "transport": getattr(getattr(cached.inner, "transport", None), "name", None),
+      "transport": getattr(getattr(getattr(cached, "inner", cached), "transport", None), "name",
+                           None),
       "num_shards": len(paths), "shards_written": written, "shards_skipped": skipped,
       "shard_pattern": os.path.join(out_dir, f"shard-*-of-{len(paths):05d}.tfrecord"),
   }

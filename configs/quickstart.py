@@ -1,0 +1,108 @@
+"""BoLT end to end on the built-in math corpus, sized for a 2-core laptop CPU (about 15 minutes).
+
+  python -m latent_em.main --config=configs/quickstart.py --workdir=/tmp/bolt_quickstart
+  python -m latent_em.main --config=configs/quickstart.py:ablate_k --workdir=/tmp/bolt_k1
+  python -m latent_em.main --config=configs/quickstart.py:smoke --workdir=/tmp/bolt_smoke
+
+Stages (see latent_em/em/job.py): the oracle teacher writes thoughts for the warm-start stories;
+a 1M-parameter Llama is trained on them (warmstart); raw baselines train on the same raw stories;
+two EM iterations infer thoughts for the bootstrap stories with K = 4 samples per chunk and
+retrain from the same random initialisation; every run is evaluated (few-shot arithmetic
+questions answered directly and after thinking, validation NLL and ELBO_1,2,4).
+
+Variants (after the colon, comma-separated):
+  ablate_k   K = 1 in the E-step (one sample, no importance resampling): the K ablation
+  k=N        any K
+  seed=N     the seed of the initialisation, data order and sampling (the corpus is fixed)
+  smoke      a much smaller run for tests and notebooks (about a minute or two; not a result)
+"""
+from latent_em import config_defaults
+
+
+def get_config(arg=None):
+  arg = config_defaults.parse_arg(arg, ablate_k=False, k=4, seed=0, smoke=False)
+  config = config_defaults.base()
+  config.job = "em"
+  config.seed = arg.seed
+  k = 1 if arg.ablate_k else arg.k
+
+  # The same corpus for every seed: seeds differ in initialisation, data order and sampling.
+  config.corpus.seed = 0
+  config.corpus.n_warmstart = 500
+  config.corpus.n_bootstrap = 800
+  config.corpus.n_validation = 200
+  config.corpus.n_eval = 200
+  config.corpus.n_fewshot = 8
+  config.corpus.max_steps = 2
+
+  config.model.vocab_size = 0          # sized from the tokenizer
+  config.model.dim = 128
+  config.model.n_layers = 4
+  config.model.n_heads = 4
+  config.model.n_kv_heads = 2
+  config.model.mlp_dim = 384
+  config.tokenizer.vocab_size = 400
+
+  config.data.seq_len = 256
+  config.data.batch_size = 16
+  config.data.seed = arg.seed
+
+  config.optim.lr = 3e-3
+  config.optim.warmup_steps = 20
+  config.optim.weight_decay = 0.01
+  config.optim.schedule = "cosine"
+  config.train.log_every = 20
+  config.train.eval_every = 0
+  config.train.eval_batches = 4
+  config.train.progress_bar = True
+  config.checkpoint.every_steps = 50
+
+  # Chunks of ~2 sentences: most chunks state one derived quantity, whose working is the thought.
+  chunks = dict(unit="sentence", min_units=1, avg_units=2, max_units=4)
+  for key, value in chunks.items():
+    config.synthesis.chunking[key] = value
+    config.estep.chunking[key] = value
+  config.synthesis.backend = "oracle"
+  config.synthesis.chunking.prefix_chunks = 1
+  config.estep.chunking.prefix_chunks = 2
+  config.estep.num_samples = k
+  config.estep.selection = "resample"
+  config.estep.max_seq_len = 256
+  config.estep.sampling.max_gen_len = 48
+  config.estep.sampling.temperature = 1.0
+  config.estep.batch_chunks = 32
+  config.estep.score_rows = 32
+  config.estep.prompt_bucket = 32
+  config.estep.docs_per_shard = 200
+  config.estep.elbo_ks = (1, 2, 4)
+  config.estep.seed = arg.seed
+  config.mstep_data.seed = arg.seed
+
+  config.em.iterations = 2
+  config.em.warmstart_epochs = 3.0
+  config.em.mstep_epochs = 3.0
+  config.em.baselines = ("raw_token_matched", "raw_compute_matched")
+  config.em.eval_elbo_docs = 50
+
+  config.eval.fewshot.tasks = ("mathcorpus",)
+  config.eval.fewshot.mathcorpus_shots = 4
+  config.eval.fewshot.max_gen_len = 48
+  config.eval.fewshot.batch_size = 50
+  config.eval.fewshot.max_seq_len = 384
+  config.eval.nll_batch_size = 16
+  config.eval.seed = arg.seed
+
+  if arg.smoke:
+    config.corpus.n_warmstart = 40
+    config.corpus.n_bootstrap = 40
+    config.corpus.n_validation = 12
+    config.corpus.n_eval = 12
+    config.data.batch_size = 8
+    config.em.warmstart_epochs = 1.0
+    config.em.mstep_epochs = 1.0
+    config.em.eval_elbo_docs = 4
+    config.eval.fewshot.max_gen_len = 24
+    config.eval.fewshot.batch_size = 12
+    config.estep.sampling.max_gen_len = 24
+    config.estep.docs_per_shard = 20
+  return config

@@ -1,0 +1,331 @@
+"""The BoLT loop (`config.job = "em"`): teacher -> warm start -> T x (E-step, M-step, eval),
+with the raw-data and paraphrase baselines, in one resumable job.
+
+  python -m latent_em.main --config=configs/quickstart.py --workdir=/tmp/bolt
+
+Layout of WORKDIR (each stage directory ends with STAGE_DONE.json when finished; see stages.py):
+  corpus/, tokenizer.model     the built-in corpus (if used) and the shared tokenizer
+  teacher/                     synthesis job: teacher thoughts for the warm-start split
+  runs/<NAME>/train/           training workdir of run NAME (checkpoints, params, summary)
+  runs/<NAME>/eval/            evaluation job of run NAME (eval/results.json)
+  estep/iter_<t>/              E-step with model_{t-1} on the bootstrap split (records)
+  synth/<kind>/                paraphrases for the WRAP / WRAP-CoT baselines
+  results.json, results.md, plots/*.png
+
+Runs: `warmstart` (teacher-thought data), `em_iter_<t>` (warm-start teacher records + the
+bootstrap split with model_{t-1}'s thoughts, trained from the base), and the baselines of
+`config.em.baselines`, all trained from the same base (`config.em.base`, or one random
+initialisation seeded by `config.seed`):
+  raw_token_matched    the same raw documents as em_iter_t, the same number of epochs
+  raw_compute_matched  the same raw documents, repeated to em_iter_1's training tokens
+  raw_fresh            the raw documents plus config.em.fresh_files, em_iter_1's tokens
+  wrap_cot / wrap      teacher paraphrases of the raw documents (with the working inserted / in
+                       four styles), trained as pure text for em_iter_1's tokens
+Training budgets are epochs over measured token counts (config.em.*_epochs), never typed-in
+step counts: steps = ceil(epochs x tokens in one pass / (batch x seq_len)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+from latent_em import config_lib, io_utils, jobs, runtime
+from latent_em.em import report
+from latent_em.em.stages import Stages, derive
+
+BASELINES = ("raw_token_matched", "raw_compute_matched", "raw_fresh", "wrap_cot", "wrap")
+WRAP_STYLES = ("wrap_simple", "wrap_scholarly", "wrap_encyclopedic", "wrap_qa")
+
+
+@dataclasses.dataclass(frozen=True)
+class EMConfig:
+  """config.em
+
+  Attributes:
+    iterations: EM iterations T (each: E-step, M-step, evaluation).
+    warmstart_files / bootstrap_files / fresh_files / validation_files: raw corpora (JSONL,
+      TFRecord, globs, or builtin:mathcorpus/<split>). fresh_files feed the raw_fresh baseline.
+    teacher_records: existing teacher-thought records for the warm-start split (e.g. from a
+      separate `job=synthesize` against an API); empty: run config.synthesis on
+      warmstart_files (backend "oracle" for the built-in corpus).
+    base: checkpoint every run starts from (HF dir, params checkpoint or train workdir); empty:
+      random initialisation from config.seed (the same for every run).
+    warmstart_epochs / mstep_epochs: passes over each run's data (see the module docstring).
+    mstep_include_warmstart: the M-step also trains on the warm-start teacher records.
+    baselines: any of BASELINES, run after em_iter_1.
+    evaluate: run the evaluation job after each training run.
+    eval_elbo_docs: validation documents for ELBO_k (sampling K thoughts per chunk is slow on
+      CPU); 0 = all. NLL always uses all of them.
+    plots: write PNG plots next to results.json.
+  """
+  iterations: int = 2
+  warmstart_files: tuple[str, ...] = ("builtin:mathcorpus/warmstart",)
+  bootstrap_files: tuple[str, ...] = ("builtin:mathcorpus/bootstrap",)
+  fresh_files: tuple[str, ...] = ()
+  validation_files: tuple[str, ...] = ("builtin:mathcorpus/validation",)
+  teacher_records: tuple[str, ...] = ()
+  base: str = ""
+  warmstart_epochs: float = 4.0
+  mstep_epochs: float = 4.0
+  mstep_include_warmstart: bool = True
+  baselines: tuple[str, ...] = ("raw_token_matched", "raw_compute_matched")
+  evaluate: bool = True
+  eval_elbo_docs: int = 100
+  plots: bool = True
+
+  def __post_init__(self):
+    key = "config.em"
+    config_lib.check(self.iterations >= 0, f"{key}.iterations", "must be >= 0")
+    for b in self.baselines:
+      config_lib.check(b in BASELINES, f"{key}.baselines",
+                       f"{b!r} is not one of {list(BASELINES)}")
+    config_lib.check("raw_fresh" not in self.baselines or bool(self.fresh_files),
+                     f"{key}.fresh_files", "the raw_fresh baseline needs fresh raw documents")
+    config_lib.check(self.iterations >= 1 or not self.baselines, f"{key}.baselines",
+                     "the baselines are matched to em_iter_1: set config.em.iterations >= 1")
+    for name in ("warmstart_epochs", "mstep_epochs"):
+      config_lib.check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+    config_lib.check(bool(self.warmstart_files) or bool(self.teacher_records),
+                     f"{key}.warmstart_files", "give warm-start documents or teacher_records")
+    config_lib.check(bool(self.bootstrap_files) or self.iterations == 0,
+                     f"{key}.bootstrap_files", "the E-step needs bootstrap documents")
+    config_lib.check(self.eval_elbo_docs >= 0, f"{key}.eval_elbo_docs", "must be >= 0")
+
+
+class Experiment:
+  """One EM experiment in one workdir; `run()` executes (or resumes) every stage."""
+
+  def __init__(self, config, workdir: str):
+    self.workdir = os.path.abspath(workdir)
+    self.cfg: EMConfig = runtime.section(config, "em")
+    self.stages = Stages(self.workdir)
+    self.runs: dict[str, dict[str, Any]] = {}
+    resolve = lambda files, key: runtime.resolve_files(config, files, self.workdir, key)
+    self.files = {
+        name: resolve(getattr(self.cfg, f"{name}_files"), f"config.em.{name}_files")
+        for name in ("warmstart", "bootstrap", "fresh", "validation")}
+    tokenizer = runtime.get_tokenizer(config, self.workdir,
+                                      self.files["warmstart"] + self.files["bootstrap"])
+    self.tokenizer = tokenizer
+    data = runtime.section(config, "data")
+    self.tokens_per_step = data.batch_size * data.seq_len
+    # Every stage sees resolved files and the shared tokenizer.
+    self.config = derive(config, {"tokenizer.path": tokenizer.path, "train.init_from": self.cfg.base})
+
+  # ------------------------------------------------------------------------------- helpers
+
+  def _raw_tokens(self, files: tuple[str, ...]) -> int:
+    """Tokens of the raw documents (EOS included): the 'raw data' a run is given."""
+    from latent_em.data import sources  # pylint: disable=g-import-not-at-top
+    data = runtime.section(self.config, "data")
+    total = 0
+    for path in files:
+      for _, text in sources.read_texts(path, data.text_field, "skip", sources.InputStats()):
+        total += len(self.tokenizer.encode(text)) + 1
+    return total
+
+  def _record_raw_tokens(self, record_globs: tuple[str, ...]) -> int:
+    from latent_em.data import records  # pylint: disable=g-import-not-at-top
+    return sum(len(self.tokenizer.encode(r.text)) + 1 for r in records.read_records(list(record_globs)))
+
+  def _epoch_tokens(self, raw_files: tuple[str, ...], record_files: tuple[str, ...],
+                    fmt: str) -> int:
+    """Loss-bearing tokens in one pass over a run's training data, counted with the tokenizer
+    (equal to seqio's count of the training task; see thought_tasks.thought_token_stats)."""
+    from latent_em.data import thought_tasks  # pylint: disable=g-import-not-at-top
+    total = self._raw_tokens(raw_files) if raw_files else 0
+    if record_files:
+      md = runtime.section(self.config, "mstep_data")
+      stats = thought_tasks.thought_token_stats(
+          list(record_files), self.tokenizer, seed=md.seed,
+          drop_thoughtless_chunks=md.drop_thoughtless_chunks)
+      total += stats["total_tokens"][fmt]
+    return total
+
+  def _steps(self, epochs: float, tokens: int) -> int:
+    return max(1, math.ceil(epochs * tokens / self.tokens_per_step))
+
+  def _train_run(self, name: str, *, raw_files: tuple[str, ...] = (),
+                 record_files: tuple[str, ...] = (), fmt: str = "random",
+                 epochs: float | None = None, steps: int | None = None,
+                 thought_trained: bool = False, raw_tokens: int) -> dict[str, Any]:
+    """Trains run `name` from the base for `epochs` of its data or a fixed `steps`."""
+    spec = {"raw_files": raw_files, "record_files": record_files, "format": fmt,
+            "epochs": epochs, "steps": steps, "base": self.cfg.base}
+
+    def fn(directory: str) -> dict[str, Any]:
+      # No validation inside training: the eval stage measures NLL on the validation split.
+      tokens = self._epoch_tokens(raw_files, record_files, fmt)
+      n_steps = steps if steps is not None else self._steps(epochs, tokens)
+      c = derive(self.config, {"job": "train", "data.train_files": raw_files,
+                               "data.validation_files": (), "train.steps": n_steps,
+                               "mstep_data.record_files": record_files,
+                               "mstep_data.format": fmt})
+      summary = jobs.run(c, directory)
+      if thought_trained:
+        from latent_em.evaluation import job as eval_job  # pylint: disable=g-import-not-at-top
+        eval_job.mark_thought_trained(directory, data_format=fmt)
+      return {"steps": n_steps, "epoch_tokens": tokens,
+              "train_tokens": n_steps * self.tokens_per_step, "raw_tokens": raw_tokens,
+              "epochs": n_steps * self.tokens_per_step / max(tokens, 1),
+              "final_loss": summary.get("final_loss"),
+              "thought_trained": thought_trained, "train_wall_s": summary.get("wall_s")}
+
+    out = self.stages.run(f"runs/{name}/train", spec, fn)
+    self.runs[name] = {"train": out}
+    return out
+
+  def _elbo_files(self) -> tuple[str, ...]:
+    """The validation documents ELBO_k is measured on: the first eval_elbo_docs of them."""
+    if not self.cfg.eval_elbo_docs:
+      return self.files["validation"]
+    from latent_em.data import sources  # pylint: disable=g-import-not-at-top
+    path = os.path.join(self.workdir, "elbo_docs.jsonl")
+    if not os.path.exists(path):
+      rows = []
+      text_field = runtime.section(self.config, "data").text_field
+      for f in self.files["validation"]:
+        for _, text in sources.read_texts(f, text_field, "skip", sources.InputStats()):
+          if len(rows) < self.cfg.eval_elbo_docs:
+            rows.append({"text": text})
+      if jax.process_index() == 0:
+        io_utils.write_jsonl(path, rows)
+      runtime.sync("elbo_docs")
+    return (path,)
+
+  def _eval_run(self, name: str) -> None:
+    if not self.cfg.evaluate:
+      return
+    train_dir = self.stages.path(f"runs/{name}/train")
+    thought = self.runs[name]["train"]["thought_trained"]
+    elbo_files = self._elbo_files() if thought else ()
+    spec = {"init_from": train_dir, "thought_trained": thought, "elbo_files": elbo_files}
+
+    def fn(directory: str) -> dict[str, Any]:
+      # Thought-trained runs: both answer variants and ELBO_k; raw runs: raw answers (latent
+      # tokens banned) and NLL only (they never learned to write thoughts).
+      c = derive(self.config, {"job": "eval", "eval.init_from": train_dir,
+                               "eval.fewshot.latent": "both" if thought else "off",
+                               "eval.nll_files": self.files["validation"],
+                               "eval.elbo_files": elbo_files, "eval.max_docs": 0})
+      res = jobs.run(c, directory)
+      out = {k: res[k] for k in ("accuracy", "latent_accuracy", "nll_per_token",
+                                 "elbo_per_token")}
+      out["samples"] = res.get("samples", [])[:4]
+      return out
+
+    self.runs[name]["eval"] = self.stages.run(f"runs/{name}/eval", spec, fn)
+
+  # ------------------------------------------------------------------------------- stages
+
+  def teacher(self) -> tuple[str, ...]:
+    if self.cfg.teacher_records:
+      return tuple(self.cfg.teacher_records)
+    synth = runtime.section(self.config, "synthesis")
+    spec = {"files": self.files["warmstart"], "backend": synth.backend, "model": synth.model,
+            "kind": "latent_thoughts"}
+
+    def fn(directory: str) -> dict[str, Any]:
+      c = derive(self.config, {"job": "synthesize", "synthesis.kind": "latent_thoughts",
+                               "synthesis.input_files": self.files["warmstart"]})
+      summary = jobs.run(c, directory)
+      return {"records": summary["shard_pattern"], "chunks": summary["chunks"],
+              "chunks_with_thought": summary["chunks_with_thought"]}
+
+    return (self.stages.run("teacher", spec, fn)["records"],)
+
+  def paraphrases(self, kind: str) -> str:
+    files = self.files["warmstart"] + self.files["bootstrap"]
+    synth = runtime.section(self.config, "synthesis")
+    spec = {"files": files, "backend": synth.backend, "model": synth.model, "kind": kind}
+
+    def fn(directory: str) -> dict[str, Any]:
+      c = derive(self.config, {"job": "synthesize", "synthesis.kind": kind,
+                               "synthesis.input_files": files})
+      return {"records": jobs.run(c, directory)["shard_pattern"]}
+
+    return self.stages.run(f"synth/{kind}", spec, fn)["records"]
+
+  def estep(self, t: int, model_dir: str) -> str:
+    spec = {"files": self.files["bootstrap"], "init_from": model_dir}
+
+    def fn(directory: str) -> dict[str, Any]:
+      c = derive(self.config, {"job": "estep", "estep.input_files": self.files["bootstrap"],
+                               "estep.init_from": model_dir,
+                               "estep.seed": self.config.estep.seed + t})
+      summary = jobs.run(c, directory)
+      keep = ("chunks", "mean_thought_len", "frac_ended", "mean_ess", "elbo_per_token",
+              "wall_s", "gen_tokens_per_s")
+      out = {k: summary[k] for k in keep if k in summary}
+      out["records"] = os.path.join(directory, "estep", "records-*.tfrecord")
+      return out
+
+    out = self.stages.run(f"estep/iter_{t}", spec, fn)
+    return out["records"]
+
+  # ------------------------------------------------------------------------------- the loop
+
+  def run(self) -> dict[str, Any]:
+    cfg = self.cfg
+    started = time.perf_counter()
+    raw_all = self.files["warmstart"] + self.files["bootstrap"]
+    teacher = self.teacher()
+    ws_raw = self._record_raw_tokens(teacher)
+    self._train_run("warmstart", record_files=teacher, epochs=cfg.warmstart_epochs,
+                    thought_trained=True, raw_tokens=ws_raw)
+    self._eval_run("warmstart")
+    all_raw_tokens = self._raw_tokens(raw_all)
+    if "raw_token_matched" in cfg.baselines:
+      self._train_run("raw_token_matched", raw_files=raw_all, epochs=cfg.mstep_epochs,
+                      raw_tokens=all_raw_tokens)
+      self._eval_run("raw_token_matched")
+    previous = self.stages.path("runs/warmstart/train")
+    for t in range(1, cfg.iterations + 1):
+      thoughts = self.estep(t, previous)
+      record_files = ((*teacher, thoughts) if cfg.mstep_include_warmstart else (thoughts,))
+      raw = ws_raw + self._record_raw_tokens((thoughts,)) if cfg.mstep_include_warmstart \
+          else self._record_raw_tokens((thoughts,))
+      name = f"em_iter_{t}"
+      self._train_run(name, record_files=record_files, epochs=cfg.mstep_epochs,
+                      thought_trained=True, raw_tokens=raw)
+      self._eval_run(name)
+      previous = self.stages.path(f"runs/{name}/train")
+      if t == 1:
+        self._baselines_matched_to(self.runs[name]["train"]["steps"], raw_all, all_raw_tokens)
+    results = report.collect(self.runs)
+    results["details"] = {"workdir": self.workdir, "stage_wall_s": self.stages.timings,
+                          "wall_s": time.perf_counter() - started,
+                          "tokens_per_step": self.tokens_per_step}
+    if jax.process_index() == 0:
+      report.write(results, self.workdir, plots=cfg.plots)
+    return results
+
+  def _baselines_matched_to(self, steps: int, raw_all: tuple[str, ...], raw_tokens: int):
+    cfg = self.cfg
+    if "raw_compute_matched" in cfg.baselines:
+      self._train_run("raw_compute_matched", raw_files=raw_all, steps=steps,
+                      raw_tokens=raw_tokens)
+      self._eval_run("raw_compute_matched")
+    if "raw_fresh" in cfg.baselines:
+      files = raw_all + self.files["fresh"]
+      self._train_run("raw_fresh", raw_files=files, steps=steps,
+                      raw_tokens=self._raw_tokens(files))
+      self._eval_run("raw_fresh")
+    for baseline, kinds in (("wrap_cot", ("wrap_cot",)), ("wrap", WRAP_STYLES)):
+      if baseline in cfg.baselines:
+        recs = tuple(self.paraphrases(kind) for kind in kinds)
+        self._train_run(baseline, record_files=recs, fmt="pure", steps=steps,
+                        raw_tokens=raw_tokens)
+        self._eval_run(baseline)
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the whole experiment; returns results (also WORKDIR/results.json)."""
+  logging.info("EM experiment in %s", workdir)
+  return Experiment(config, workdir).run()
