@@ -269,7 +269,7 @@ def make_decoder(name: str, cfg: model.ModelConfig, params: Any) -> Decoder:
   """'ours' is model.decode as the E-step uses it; 'scan' is ScanDecode above."""
   if name == "ours":
     return Decoder(functools.partial(model.decode, cfg), functools.partial(model.init_cache, cfg),
-                   params, cache_batch_axis=1)
+                   params, cache_batch_axis=0)
   dec = ScanDecode(cfg)
   return Decoder(dec, dec.init_cache, params, dec.cache_batch_axis)
 

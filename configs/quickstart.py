@@ -28,7 +28,7 @@ def get_config(arg=None):
 
   # The same corpus for every seed: seeds differ in initialisation, data order and sampling.
   config.corpus.seed = 0
-  config.corpus.n_warmstart = 500
+  config.corpus.n_warmstart = 400
   config.corpus.n_bootstrap = 800
   config.corpus.n_validation = 200
   config.corpus.n_eval = 200
@@ -41,7 +41,7 @@ def get_config(arg=None):
   config.model.n_heads = 4
   config.model.n_kv_heads = 2
   config.model.mlp_dim = 384
-  config.tokenizer.vocab_size = 400
+  config.tokenizer.vocab_size = 1024   # whole words: ~84 tokens per story (400: ~176)
 
   config.data.seq_len = 256
   config.data.batch_size = 16

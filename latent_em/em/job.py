@@ -148,6 +148,22 @@ class Experiment:
       total += stats["total_tokens"][fmt]
     return total
 
+  def _sections(self, *names: str) -> dict[str, Any]:
+    """The config sections a stage depends on (part of its spec: a change re-runs nothing
+    silently; see stages.Stages.run)."""
+    out = {}
+    for name in names:
+      value = self.config.get(name)
+      out[name] = value.to_dict() if hasattr(value, "to_dict") else value
+    for skip in (("train", "steps"), ("train", "init_from"), ("train", "progress_bar"),
+                 ("eval", "init_from"), ("eval", "progress_bar"), ("estep", "init_from"),
+                 ("estep", "input_files"), ("synthesis", "input_files"), ("synthesis", "kind"),
+                 ("data", "train_files"), ("data", "validation_files"),
+                 ("mstep_data", "record_files"), ("eval", "nll_files"), ("eval", "elbo_files")):
+      if skip[0] in out and isinstance(out[skip[0]], dict):
+        out[skip[0]].pop(skip[1], None)
+    return out
+
   def _steps(self, epochs: float, tokens: int) -> int:
     return max(1, math.ceil(epochs * tokens / self.tokens_per_step))
 
@@ -157,7 +173,8 @@ class Experiment:
                  thought_trained: bool = False, raw_tokens: int) -> dict[str, Any]:
     """Trains run `name` from the base for `epochs` of its data or a fixed `steps`."""
     spec = {"raw_files": raw_files, "record_files": record_files, "format": fmt,
-            "epochs": epochs, "steps": steps, "base": self.cfg.base}
+            "epochs": epochs, "steps": steps, "base": self.cfg.base,
+            "config": self._sections("seed", "model", "optim", "data", "mstep_data", "train")}
 
     def fn(directory: str) -> dict[str, Any]:
       # No validation inside training: the eval stage measures NLL on the validation split.
@@ -205,7 +222,8 @@ class Experiment:
     train_dir = self.stages.path(f"runs/{name}/train")
     thought = self.runs[name]["train"]["thought_trained"]
     elbo_files = self._elbo_files() if thought else ()
-    spec = {"init_from": train_dir, "thought_trained": thought, "elbo_files": elbo_files}
+    spec = {"init_from": train_dir, "thought_trained": thought, "elbo_files": elbo_files,
+            "config": self._sections("eval", "estep")}
 
     def fn(directory: str) -> dict[str, Any]:
       # Thought-trained runs: both answer variants and ELBO_k; raw runs: raw answers (latent
@@ -227,9 +245,8 @@ class Experiment:
   def teacher(self) -> tuple[str, ...]:
     if self.cfg.teacher_records:
       return tuple(self.cfg.teacher_records)
-    synth = runtime.section(self.config, "synthesis")
-    spec = {"files": self.files["warmstart"], "backend": synth.backend, "model": synth.model,
-            "kind": "latent_thoughts"}
+    spec = {"files": self.files["warmstart"], "kind": "latent_thoughts",
+            "config": self._sections("synthesis")}
 
     def fn(directory: str) -> dict[str, Any]:
       c = derive(self.config, {"job": "synthesize", "synthesis.kind": "latent_thoughts",
@@ -242,8 +259,7 @@ class Experiment:
 
   def paraphrases(self, kind: str) -> str:
     files = self.files["warmstart"] + self.files["bootstrap"]
-    synth = runtime.section(self.config, "synthesis")
-    spec = {"files": files, "backend": synth.backend, "model": synth.model, "kind": kind}
+    spec = {"files": files, "kind": kind, "config": self._sections("synthesis")}
 
     def fn(directory: str) -> dict[str, Any]:
       c = derive(self.config, {"job": "synthesize", "synthesis.kind": kind,
@@ -253,7 +269,8 @@ class Experiment:
     return self.stages.run(f"synth/{kind}", spec, fn)["records"]
 
   def estep(self, t: int, model_dir: str) -> str:
-    spec = {"files": self.files["bootstrap"], "init_from": model_dir}
+    spec = {"files": self.files["bootstrap"], "init_from": model_dir,
+            "config": self._sections("estep")}
 
     def fn(directory: str) -> dict[str, Any]:
       c = derive(self.config, {"job": "estep", "estep.input_files": self.files["bootstrap"],

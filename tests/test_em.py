@@ -1,0 +1,185 @@
+"""EM orchestration: resumable stages, the oracle teacher backend, the report, and the whole loop."""
+import json
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from latent_em import config_lib
+from latent_em.data import chunking, mathcorpus, records
+from latent_em.em import report
+from latent_em.em.stages import Stages, derive
+from latent_em.synthesis import job as synthesis_job
+from latent_em.synthesis.backend import Request
+from latent_em.synthesis.oracle_backend import OracleBackend
+
+from conftest import run_main
+
+
+def test_derive_sets_nested_keys_without_touching_the_original():
+  base = ml_collections.ConfigDict({"a": {"b": 1, "c": (1,)}, "job": "train"})
+  out = derive(base, {"a.b": 2, "a.c": [3, 4], "job": "em"})
+  assert (out.a.b, out.a.c, out.job) == (2, (3, 4), "em")
+  assert (base.a.b, base.a.c, base.job) == (1, (1,), "train")
+
+
+def test_stages_run_once_and_refuse_a_changed_spec(tmp_path):
+  calls = []
+
+  def fn(directory):
+    calls.append(directory)
+    with open(os.path.join(directory, "out.txt"), "w") as f:
+      f.write("x")
+    return {"value": 7}
+
+  stages = Stages(str(tmp_path))
+  assert stages.run("a/b", {"k": 1}, fn) == {"value": 7}
+  assert stages.run("a/b", {"k": 1}, fn) == {"value": 7}
+  assert len(calls) == 1
+  assert stages.done("a/b")["outputs"] == {"value": 7}
+  with pytest.raises(config_lib.ConfigError, match=r"stage 'a/b'.*changed: k"):
+    stages.run("a/b", {"k": 2}, fn)
+
+
+def test_stage_that_fails_leaves_no_marker_and_reruns(tmp_path):
+  stages = Stages(str(tmp_path))
+
+  def boom(directory):
+    raise RuntimeError("killed")
+
+  with pytest.raises(RuntimeError):
+    stages.run("s", {}, boom)
+  assert stages.done("s") is None
+  assert stages.run("s", {}, lambda d: {"ok": True}) == {"ok": True}
+
+
+def _story_requests(doc, kind):
+  chunks = chunking.chunk_document(doc["text"], chunking.ChunkConfig(avg_units=2, max_units=4))
+  reqs = [Request(({"role": "user", "content": "unused"},), tag=str(i),
+                  context={"kind": kind, "document_prefix": "".join(chunks[:i]),
+                           "suffix": c})
+          for i, c in enumerate(chunks)]
+  return chunks, reqs
+
+
+def test_oracle_backend_thoughts_and_wrap_cot():
+  docs = mathcorpus.make_splits(mathcorpus.CorpusConfig(
+      n_warmstart=20, n_bootstrap=0, n_validation=0, n_eval=0, n_fewshot=0))["warmstart"]
+  n_thoughts = 0
+  for doc in docs:
+    chunks, reqs = _story_requests(doc, "latent_thoughts")
+    results = OracleBackend("latent_thoughts").generate(reqs)
+    for i, (chunk, res) in enumerate(zip(chunks, results)):
+      assert res.ok
+      assert res.text == mathcorpus.oracle_thought("".join(chunks[:i]), chunk)
+      n_thoughts += res.text is not None
+    _, reqs = _story_requests(doc, "wrap_cot")
+    cot = OracleBackend("wrap_cot").generate(reqs)
+    rewritten = "".join(r.text for r in cot)
+    # The rewrite keeps every original sentence, in order, and adds the working.
+    pos = 0
+    for sentence in mathcorpus.split_sentences(doc["text"]):
+      pos = rewritten.index(sentence.strip(), pos)
+    assert len(rewritten) > len(doc["text"])
+  assert n_thoughts >= len(docs)  # every story derives something
+  with pytest.raises(config_lib.ConfigError, match="wrap_simple"):
+    OracleBackend("wrap_simple")
+
+
+def test_synthesis_job_with_the_oracle_backend(tmp_path):
+  config = ml_collections.ConfigDict({
+      "corpus": {"n_warmstart": 12, "n_bootstrap": 0, "n_validation": 0, "n_eval": 0,
+                 "n_fewshot": 0},
+      "synthesis": {"backend": "oracle", "input_files": ("builtin:mathcorpus/warmstart",),
+                    "docs_per_shard": 5,
+                    "chunking": {"avg_units": 2, "max_units": 4, "prefix_chunks": 1}}})
+  summary = synthesis_job.run(config, str(tmp_path))
+  recs = list(records.read_records(summary["shard_pattern"]))
+  assert summary["num_shards"] == 3 and len(recs) == 12
+  assert summary["chunks_failed"] == 0
+  assert not os.path.exists(tmp_path / "synthesis" / "cache")  # nothing cached
+  with_thought = 0
+  for rec in recs:
+    assert "".join(c.suffix for c in rec.chunks) == rec.text
+    before = ""
+    for c in rec.chunks:
+      assert c.thought == mathcorpus.oracle_thought(before, c.suffix)
+      assert c.source == "teacher"
+      with_thought += c.thought is not None
+      before += c.suffix
+  assert summary["chunks_with_thought"] == with_thought > 0
+
+
+def _fake_results(acc):
+  runs = {}
+  for name, a in acc.items():
+    thought = not name.startswith("raw")
+    runs[name] = {
+        "train": {"train_tokens": 100, "raw_tokens": 50, "steps": 2, "thought_trained": thought},
+        "eval": {"accuracy": {"mathcorpus": a / 2}, "latent_accuracy":
+                 ({"mathcorpus": a} if thought else {}), "nll_per_token": 1.0 + a,
+                 "elbo_per_token": {"1": -2.0, "2": -1.9, "4": -1.8} if thought else {}}}
+  return report.collect(runs)
+
+
+def test_report_schema_table_plots_and_aggregate(tmp_path):
+  res = _fake_results({"warmstart": 0.2, "raw_token_matched": 0.1, "em_iter_1": 0.4})
+  r = res["runs"]["em_iter_1"]
+  assert set(r) >= {"accuracy", "latent_accuracy", "nll_per_token", "elbo_per_token",
+                    "train_tokens", "raw_tokens"}
+  assert (r["accuracy"], r["latent_accuracy"]) == (0.2, 0.4)
+  assert res["runs"]["raw_token_matched"]["latent_accuracy"] is None
+  report.write(res, str(tmp_path))
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f)["runs"]["em_iter_1"]["elbo_per_token"]["4"] == -1.8
+  table = (tmp_path / "results.md").read_text()
+  assert "| em_iter_1 | 20.0 | 40.0 | 1.400 | -2.000 | -1.900 | -1.800 | 100 | 50 |" in table
+  for png in ("accuracy.png", "iterations.png"):
+    assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+  agg = report.aggregate([res, _fake_results({"warmstart": 0.4, "raw_token_matched": 0.3,
+                                              "em_iter_1": 0.6})])
+  a = agg["em_iter_1"]["latent_accuracy"]
+  assert a["n"] == 2 and np.isclose(a["mean"], 0.5) and (a["min"], a["max"]) == (0.4, 0.6)
+  assert "| em_iter_1 | 2 | 25.0 [20.0, 30.0] | 50.0 [40.0, 60.0] |" in report.aggregate_table(agg)
+
+
+def test_em_config_errors_name_the_key():
+  from latent_em.em.job import EMConfig
+  with pytest.raises(config_lib.ConfigError, match="config.em.baselines"):
+    config_lib.from_config(EMConfig, {"baselines": ("raw_tokn_matched",)}, "config.em")
+  with pytest.raises(config_lib.ConfigError, match="config.em.fresh_files"):
+    config_lib.from_config(EMConfig, {"baselines": ("raw_fresh",)}, "config.em")
+
+
+def test_em_quickstart_smoke_end_to_end_and_resume(tmp_path):
+  """The whole loop through the CLI on a few dozen stories; a rerun redoes nothing."""
+  workdir = str(tmp_path / "em")
+  args = ["--config=configs/quickstart.py:smoke", f"--workdir={workdir}"]
+  proc = run_main(args, timeout=1500)
+  out = proc.stdout + proc.stderr
+  with open(os.path.join(workdir, "results.json")) as f:
+    res = json.load(f)
+  names = ["warmstart", "raw_token_matched", "em_iter_1", "raw_compute_matched", "em_iter_2"]
+  assert list(res["runs"]) == names
+  for name, r in res["runs"].items():
+    assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["nll_per_token"])
+    thought = not name.startswith("raw")
+    assert (r["latent_accuracy"] is not None) == thought
+    assert (sorted(r["elbo_per_token"]) == ["1", "2", "4"]) == thought
+  runs = res["runs"]
+  # Budgets: token-matched sees the same raw tokens as the M-step, compute-matched the same
+  # training tokens; both from the same raw documents.
+  assert runs["raw_token_matched"]["raw_tokens"] == runs["em_iter_1"]["raw_tokens"]
+  assert runs["raw_compute_matched"]["train_tokens"] == runs["em_iter_1"]["train_tokens"]
+  assert runs["raw_compute_matched"]["train_tokens"] > runs["raw_token_matched"]["train_tokens"]
+  assert "| em_iter_2 |" in out
+  for png in ("accuracy.png", "iterations.png"):
+    assert os.path.getsize(os.path.join(workdir, "plots", png)) > 1000
+  # E-step records carry K = 4 weights per chunk and a resampled thought.
+  recs = list(records.read_records(os.path.join(workdir, "estep", "iter_1", "estep",
+                                                "records-*.tfrecord")))
+  assert recs and all(len(c.log_weights) == 4 for r in recs for c in r.chunks)
+  proc = run_main(args, timeout=600)
+  again = proc.stdout + proc.stderr
+  assert again.count("skipping") >= 12 and "starting" not in again
