@@ -29,11 +29,15 @@ def get_config(arg=None):
   # The same corpus for every seed: seeds differ in initialisation, data order and sampling.
   config.corpus.seed = 0
   config.corpus.n_warmstart = 400
-  config.corpus.n_bootstrap = 800
+  config.corpus.n_bootstrap = 500
   config.corpus.n_validation = 200
   config.corpus.n_eval = 200
   config.corpus.n_fewshot = 8
+  # Small numbers (given <= 12, every value <= 40): few enough arithmetic facts for a 1M-parameter
+  # model to learn from a few hundred thousand tokens.
   config.corpus.max_steps = 2
+  config.corpus.max_operand = 12
+  config.corpus.max_value = 40
 
   config.model.vocab_size = 0          # sized from the tokenizer
   config.model.dim = 128
@@ -79,10 +83,10 @@ def get_config(arg=None):
   config.mstep_data.seed = arg.seed
 
   config.em.iterations = 2
-  config.em.warmstart_epochs = 3.0
+  config.em.warmstart_epochs = 6.0
   config.em.mstep_epochs = 3.0
   config.em.baselines = ("raw_token_matched", "raw_compute_matched")
-  config.em.eval_elbo_docs = 50
+  config.em.eval_elbo_docs = 25
 
   config.eval.fewshot.tasks = ("mathcorpus",)
   config.eval.fewshot.mathcorpus_shots = 4

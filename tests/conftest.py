@@ -47,3 +47,12 @@ def run_main(args: list[str], timeout: int = 900, env: dict | None = None,
     raise AssertionError(f"main failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                          f"{proc.stderr[-5000:]}")
   return proc
+
+
+@pytest.fixture(scope="session")
+def em_smoke(tmp_path_factory):
+  """One run of `configs/quickstart.py:smoke` through the CLI, shared by the EM and notebook
+  tests: (workdir, combined output)."""
+  workdir = str(tmp_path_factory.mktemp("em_smoke") / "em")
+  proc = run_main(["--config=configs/quickstart.py:smoke", f"--workdir={workdir}"], timeout=1500)
+  return workdir, proc.stdout + proc.stderr

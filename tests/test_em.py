@@ -152,12 +152,10 @@ def test_em_config_errors_name_the_key():
     config_lib.from_config(EMConfig, {"baselines": ("raw_fresh",)}, "config.em")
 
 
-def test_em_quickstart_smoke_end_to_end_and_resume(tmp_path):
+def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   """The whole loop through the CLI on a few dozen stories; a rerun redoes nothing."""
-  workdir = str(tmp_path / "em")
+  workdir, out = em_smoke
   args = ["--config=configs/quickstart.py:smoke", f"--workdir={workdir}"]
-  proc = run_main(args, timeout=1500)
-  out = proc.stdout + proc.stderr
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
   names = ["warmstart", "raw_token_matched", "em_iter_1", "raw_compute_matched", "em_iter_2"]
@@ -182,4 +180,8 @@ def test_em_quickstart_smoke_end_to_end_and_resume(tmp_path):
   assert recs and all(len(c.log_weights) == 4 for r in recs for c in r.chunks)
   proc = run_main(args, timeout=600)
   again = proc.stdout + proc.stderr
-  assert again.count("skipping") >= 12 and "starting" not in again
+  assert again.count("skipping") >= 12 and "] starting" not in again
+  # A changed setup is refused, naming the stage, instead of mixing two experiments.
+  proc = run_main(args + ["--config.estep.num_samples=2"], timeout=600, check=False)
+  assert proc.returncode != 0
+  assert "estep/iter_1" in proc.stderr and "changed: config" in proc.stderr

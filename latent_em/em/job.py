@@ -115,8 +115,14 @@ class Experiment:
     self.tokenizer = tokenizer
     data = runtime.section(config, "data")
     self.tokens_per_step = data.batch_size * data.seq_len
-    # Every stage sees resolved files and the shared tokenizer.
-    self.config = derive(config, {"tokenizer.path": tokenizer.path, "train.init_from": self.cfg.base})
+    # Every stage sees resolved files and the shared tokenizer (and the built-in corpus' QA
+    # splits, when that corpus is in use, instead of regenerating it per stage).
+    overrides = {"tokenizer.path": tokenizer.path, "train.init_from": self.cfg.base}
+    builtin = os.path.join(self.workdir, "corpus")
+    if (os.path.exists(os.path.join(builtin, "DONE.json"))
+        and not config.eval.fewshot.get("mathcorpus_dir")):
+      overrides["eval.fewshot.mathcorpus_dir"] = builtin
+    self.config = derive(config, overrides)
 
   # ------------------------------------------------------------------------------- helpers
 
