@@ -28,8 +28,8 @@ def get_config(arg=None):
 
   # The same corpus for every seed: seeds differ in initialisation, data order and sampling.
   config.corpus.seed = 0
-  config.corpus.n_warmstart = 400
-  config.corpus.n_bootstrap = 500
+  config.corpus.n_warmstart = 300
+  config.corpus.n_bootstrap = 400
   config.corpus.n_validation = 200
   config.corpus.n_eval = 200
   config.corpus.n_fewshot = 8
@@ -48,7 +48,7 @@ def get_config(arg=None):
   config.tokenizer.vocab_size = 1024   # whole words: ~84 tokens per story (400: ~176)
 
   config.data.seq_len = 256
-  config.data.batch_size = 16
+  config.data.batch_size = 8            # small batches: more updates per token for a tiny model
   config.data.seed = arg.seed
 
   config.optim.lr = 3e-3
@@ -72,7 +72,7 @@ def get_config(arg=None):
   config.estep.num_samples = k
   config.estep.selection = "resample"
   config.estep.max_seq_len = 256
-  config.estep.sampling.max_gen_len = 48
+  config.estep.sampling.max_gen_len = 40
   config.estep.sampling.temperature = 1.0
   config.estep.batch_chunks = 32
   config.estep.score_rows = 32
@@ -83,8 +83,8 @@ def get_config(arg=None):
   config.mstep_data.seed = arg.seed
 
   config.em.iterations = 2
-  config.em.warmstart_epochs = 6.0
-  config.em.mstep_epochs = 3.0
+  config.em.warmstart_epochs = 8.0
+  config.em.mstep_epochs = 4.0
   config.em.baselines = ("raw_token_matched", "raw_compute_matched")
   config.em.eval_elbo_docs = 25
 

@@ -159,7 +159,7 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
   names = ["warmstart", "raw_token_matched", "em_iter_1", "raw_compute_matched", "em_iter_2"]
-  assert list(res["runs"]) == names
+  assert sorted(res["runs"]) == sorted(names)
   for name, r in res["runs"].items():
     assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["nll_per_token"])
     thought = not name.startswith("raw")
@@ -184,4 +184,63 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   # A changed setup is refused, naming the stage, instead of mixing two experiments.
   proc = run_main(args + ["--config.estep.num_samples=2"], timeout=600, check=False)
   assert proc.returncode != 0
-  assert "estep/iter_1" in proc.stderr and "changed: config" in proc.stderr
+  # (The first such stage is the warm start's evaluation: ELBO_k samples with config.estep.)
+  assert "stage 'runs/warmstart/eval'" in proc.stderr and "changed: config" in proc.stderr
+
+
+@pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=8"])
+def test_quickstart_variants_validate(variant):
+  import importlib.util
+  from conftest import REPO
+  from latent_em import runtime
+  spec = importlib.util.spec_from_file_location("qs", os.path.join(REPO, "configs", "quickstart.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config(variant)
+  runtime.validate(config)
+  assert config.job == "em" and config.em.iterations >= 2
+  k = {"ablate_k": 1, "seed=2,k=8": 8}.get(variant, 4)
+  assert config.estep.num_samples == k
+  # Teacher and E-step cut documents the same way.
+  for key in ("unit", "min_units", "avg_units", "max_units"):
+    assert config.synthesis.chunking[key] == config.estep.chunking[key]
+
+
+@pytest.mark.parametrize("variant", [None, "teacher", "warmstart", "estep", "mstep", "raw", "wrap",
+                                     "wrap_cot", "eval", "k=8", "smoke"])
+def test_paper_config_variants_validate(variant):
+  import importlib.util
+  from conftest import REPO
+  from latent_em import runtime
+  spec = importlib.util.spec_from_file_location("bt", os.path.join(REPO, "configs",
+                                                                   "bolt_tinyllama.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config(variant)
+  config.em.teacher_records = ("teacher/*.tfrecord",)
+  config.em.bootstrap_files = ("bootstrap.jsonl",)
+  runtime.validate(config)
+  if variant != "smoke":
+    assert (config.model.dim, config.model.n_layers, config.model.n_heads,
+            config.model.n_kv_heads, config.model.mlp_dim) == (2048, 22, 32, 4, 5632)
+    assert (config.optim.lr, config.optim.warmup_steps, config.data.seq_len) == (1e-4, 1000, 2048)
+    assert config.data.batch_size == (96 if variant == "warmstart" else 192)
+
+
+def test_stages_reuse_identical_stages_from_another_workdir(tmp_path):
+  a, b = str(tmp_path / "a"), str(tmp_path / "b")
+  first = Stages(a)
+  first.run("teacher", {"files": [f"{a}/corpus/x.jsonl"]},
+            lambda d: {"records": os.path.join(d, "r-*.tfrecord")})
+  first.run("estep", {"k": 4}, lambda d: {"n": 4})
+  calls = []
+  second = Stages(b, reuse_from=a)
+  out = second.run("teacher", {"files": [f"{b}/corpus/x.jsonl"]},
+                   lambda d: calls.append(d) or {})
+  assert not calls and out == {"records": f"{b}/teacher/r-*.tfrecord"}
+  assert os.path.islink(os.path.join(b, "teacher"))
+  assert second.run("estep", {"k": 1}, lambda d: calls.append(d) or {"n": 1}) == {"n": 1}
+  assert calls == [os.path.join(b, "estep")] and not os.path.islink(calls[0])
+  # A rerun of the second experiment accepts the linked stage as its own.
+  again = Stages(b, reuse_from=a)
+  assert again.run("teacher", {"files": [f"{b}/corpus/x.jsonl"]}, lambda d: 1 / 0) == out

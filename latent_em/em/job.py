@@ -63,6 +63,9 @@ class EMConfig:
     eval_elbo_docs: validation documents for ELBO_k (sampling K thoughts per chunk is slow on
       CPU); 0 = all. NLL always uses all of them.
     plots: write PNG plots next to results.json.
+    reuse_from: a finished experiment's workdir; its stages whose setup is identical (e.g. the
+      teacher, warm start and raw baselines when only config.estep changes) are linked, not
+      recomputed.
   """
   iterations: int = 2
   warmstart_files: tuple[str, ...] = ("builtin:mathcorpus/warmstart",)
@@ -78,6 +81,7 @@ class EMConfig:
   evaluate: bool = True
   eval_elbo_docs: int = 100
   plots: bool = True
+  reuse_from: str = ""
 
   def __post_init__(self):
     key = "config.em"
@@ -104,7 +108,7 @@ class Experiment:
   def __init__(self, config, workdir: str):
     self.workdir = os.path.abspath(workdir)
     self.cfg: EMConfig = runtime.section(config, "em")
-    self.stages = Stages(self.workdir)
+    self.stages = Stages(self.workdir, reuse_from=self.cfg.reuse_from)
     self.runs: dict[str, dict[str, Any]] = {}
     resolve = lambda files, key: runtime.resolve_files(config, files, self.workdir, key)
     self.files = {

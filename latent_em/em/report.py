@@ -194,3 +194,26 @@ def aggregate_table(agg: dict[str, dict[str, dict[str, float]]]) -> str:
         cells.append(f"{m[k]['mean']:.3f} [{m[k]['min']:.3f}, {m[k]['max']:.3f}]")
     lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+  """`python -m latent_em.em.report WORKDIR...`: mean [min, max] of every run over workdirs."""
+  if not argv:
+    print("usage: python -m latent_em.em.report WORKDIR [WORKDIR ...]")
+    return 2
+  import json  # pylint: disable=g-import-not-at-top
+  results = []
+  for d in argv:
+    path = os.path.join(d, RESULTS)
+    if not os.path.exists(path):
+      print(f"{path} does not exist (is the experiment finished?)")
+      return 1
+    with open(path) as f:
+      results.append(json.load(f))
+  print(aggregate_table(aggregate(results)))
+  return 0
+
+
+if __name__ == "__main__":
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.exit(main(sys.argv[1:]))

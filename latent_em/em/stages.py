@@ -40,20 +40,66 @@ def _canonical(spec: Any) -> Any:
   return json.loads(json.dumps(spec, sort_keys=True, default=str))
 
 
-class Stages:
-  """Runs named stages under `workdir`, once each."""
+def _replace_paths(obj: Any, old: str, new: str) -> Any:
+  if isinstance(obj, str):
+    return obj.replace(old, new)
+  if isinstance(obj, list):
+    return [_replace_paths(x, old, new) for x in obj]
+  if isinstance(obj, dict):
+    return {k: _replace_paths(v, old, new) for k, v in obj.items()}
+  return obj
 
-  def __init__(self, workdir: str, *, log: Callable[[str], None] | None = None):
+
+class Stages:
+  """Runs named stages under `workdir`, once each.
+
+  `reuse_from`: the workdir of another experiment (e.g. the K = 4 run when sweeping K); a stage
+  that finished there with the same spec (paths under that workdir read as paths under this
+  one) is linked into this workdir instead of being recomputed.
+  """
+
+  def __init__(self, workdir: str, *, reuse_from: str = "",
+               log: Callable[[str], None] | None = None):
     self.workdir = workdir
+    self.reuse_from = os.path.abspath(reuse_from) if reuse_from else ""
     self.log = log or (lambda msg: logging.info("%s", msg))
     self.timings: dict[str, float] = {}
+
+  def _try_reuse(self, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
+    if not self.reuse_from:
+      return None
+    marker = os.path.join(self.reuse_from, name, MARKER)
+    if not os.path.exists(marker):
+      return None
+    other = io_utils.read_json(marker)
+    if _replace_paths(other.get("spec"), self.reuse_from, self.workdir) != spec:
+      return None
+    target = self.path(name)
+    if os.path.lexists(target):
+      if os.path.islink(target):
+        os.remove(target)
+      else:
+        import shutil  # pylint: disable=g-import-not-at-top
+        shutil.rmtree(target)  # an unfinished attempt of this stage
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.symlink(os.path.join(self.reuse_from, name), target)
+    self.log(f"[{name}] reused from {self.reuse_from}")
+    self.timings[name] = 0.0
+    return _replace_paths(other["outputs"], self.reuse_from, self.workdir)
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
 
   def done(self, name: str) -> dict[str, Any] | None:
+    """The stage's marker ({"spec", "outputs", "wall_s"}) if it finished, else None; for a
+    stage linked from reuse_from, with that workdir's paths read as this one's."""
     marker = os.path.join(self.path(name), MARKER)
-    return io_utils.read_json(marker) if os.path.exists(marker) else None
+    if not os.path.exists(marker):
+      return None
+    info = io_utils.read_json(marker)
+    if self.reuse_from and os.path.islink(self.path(name)):
+      info = _replace_paths(info, self.reuse_from, self.workdir)
+    return info
 
   def run(self, name: str, spec: dict[str, Any], fn: Callable[[str], dict[str, Any]]
           ) -> dict[str, Any]:
@@ -71,6 +117,9 @@ class Stages:
       self.log(f"[{name}] done earlier ({prior['wall_s']:.0f} s); skipping")
       self.timings[name] = 0.0
       return prior["outputs"]
+    reused = self._try_reuse(name, spec)
+    if reused is not None:
+      return reused
     directory = self.path(name)
     os.makedirs(directory, exist_ok=True)
     self.log(f"[{name}] starting")
