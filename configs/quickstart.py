@@ -38,6 +38,10 @@ def get_config(arg=None):
   config.corpus.max_steps = 2
   config.corpus.max_operand = 12
   config.corpus.max_value = 40
+  # Four names per gender and four objects: fewer entities to learn to copy (validation NLL of
+  # the warm start 1.46 vs 1.86 nats/token with all 56 names and 24 objects, same budget).
+  config.corpus.n_names = 4
+  config.corpus.n_objects = 4
 
   config.model.vocab_size = 0          # sized from the tokenizer
   config.model.dim = 128
@@ -89,10 +93,10 @@ def get_config(arg=None):
   config.em.eval_elbo_docs = 25
 
   config.eval.fewshot.tasks = ("mathcorpus",)
-  config.eval.fewshot.mathcorpus_shots = 4
+  config.eval.fewshot.mathcorpus_shots = 2   # prompt + answer within the trained 256 positions
   config.eval.fewshot.max_gen_len = 48
   config.eval.fewshot.batch_size = 50
-  config.eval.fewshot.max_seq_len = 384
+  config.eval.fewshot.max_seq_len = 256
   config.eval.nll_batch_size = 16
   config.eval.seed = arg.seed
 

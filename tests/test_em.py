@@ -244,3 +244,24 @@ def test_stages_reuse_identical_stages_from_another_workdir(tmp_path):
   # A rerun of the second experiment accepts the linked stage as its own.
   again = Stages(b, reuse_from=a)
   assert again.run("teacher", {"files": [f"{b}/corpus/x.jsonl"]}, lambda d: 1 / 0) == out
+
+
+def test_em_raw_fresh_and_wrap_cot_baselines(tmp_path):
+  """The other baselines, matched to em_iter_1's training tokens (smoke size, 1 iteration)."""
+  workdir = str(tmp_path / "em")
+  run_main(["--config=configs/quickstart.py:smoke", f"--workdir={workdir}",
+            "--config.em.iterations=1", "--config.em.evaluate=False",
+            "--config.em.baselines=('raw_fresh','wrap_cot')", "--config.corpus.n_fresh=20",
+            "--config.em.fresh_files=('builtin:mathcorpus/fresh',)"], timeout=1500)
+  with open(os.path.join(workdir, "results.json")) as f:
+    runs = json.load(f)["runs"]
+  assert sorted(runs) == ["em_iter_1", "raw_fresh", "warmstart", "wrap_cot"]
+  for name in ("raw_fresh", "wrap_cot"):
+    assert runs[name]["train_tokens"] == runs["em_iter_1"]["train_tokens"]
+    assert runs[name]["accuracy"] is None  # evaluation was switched off
+  assert runs["raw_fresh"]["raw_tokens"] > runs["em_iter_1"]["raw_tokens"]
+  # WRAP-CoT text: the stories with the oracle's working written in.
+  recs = list(records.read_records(os.path.join(workdir, "synth", "wrap_cot", "synthesis",
+                                                "shard-*.tfrecord")))
+  chunk = next(c for r in recs for c in r.chunks if c.thought and c.thought != c.suffix)
+  assert " = " in chunk.thought and chunk.source == "wrap:cot"

@@ -44,6 +44,8 @@ class CorpusConfig:
   n_eval: int = 200
   n_fewshot: int = 8
   n_fresh: int = 0          # extra distinct stories for the raw_fresh baseline
+  n_names: int = 0          # names per gender to draw from (0 = all 28)
+  n_objects: int = 0        # objects to draw from (0 = all 24)
   max_steps: int = 3        # equations in the working of one derived quantity
   max_operand: int = 50     # largest given (stated) number
   max_value: int = 99       # largest value anywhere (given, intermediate or derived)
@@ -53,6 +55,10 @@ class CorpusConfig:
     for name in ("n_warmstart", "n_bootstrap", "n_validation", "n_eval", "n_fewshot", "n_fresh"):
       config_lib.check(getattr(self, name) >= 0, f"{key}.{name}",
                        f"must be >= 0, got {getattr(self, name)}")
+    config_lib.check(0 <= self.n_names <= len(FEMALE), f"{key}.n_names",
+                     f"must be in [0, {len(FEMALE)}], got {self.n_names}")
+    config_lib.check(0 <= self.n_objects <= len(OBJECTS), f"{key}.n_objects",
+                     f"must be in [0, {len(OBJECTS)}], got {self.n_objects}")
     config_lib.check(2 <= self.max_steps <= 4, f"{key}.max_steps",
                      f"must be in [2, 4] (the story templates), got {self.max_steps}")
     config_lib.check(10 <= self.max_operand <= self.max_value, f"{key}.max_operand",
@@ -563,6 +569,16 @@ for _tpl in _TEMPLATES:
     _BY_KIND.setdefault(("+".join(_tpl.kinds), _frame), []).append(_tpl)
 
 
+def _objects(cfg: CorpusConfig) -> tuple[str, ...]:
+  return OBJECTS[:cfg.n_objects] if cfg.n_objects else OBJECTS
+
+
+def _people(cfg: CorpusConfig, rng: random.Random) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(names of the first person's gender, of the second's), limited to cfg.n_names each."""
+  female, male = (FEMALE[:cfg.n_names], MALE[:cfg.n_names]) if cfg.n_names else (FEMALE, MALE)
+  return (female, male) if rng.random() < 0.5 else (male, female)
+
+
 class _Story:
   """Builds one story sentence by sentence, tracking true values and unresolved working."""
 
@@ -570,9 +586,9 @@ class _Story:
     self.rng, self.cfg = rng, cfg
     self.frame = "money" if rng.random() < 0.3 else "items"
     self.past = rng.random() < 0.5
-    self.obj = "dollars" if self.frame == "money" else rng.choice(OBJECTS)
+    self.obj = "dollars" if self.frame == "money" else rng.choice(_objects(cfg))
     self.container = rng.choice(_CONTAINERS[self.frame])
-    first, second = (FEMALE, MALE) if rng.random() < 0.5 else (MALE, FEMALE)
+    first, second = _people(cfg, rng)
     # Opposite genders: "she" / "he" always name one person.
     self.p, self.q = rng.choice(first), rng.choice(second)
     self.sentences: list[str] = []
@@ -848,9 +864,9 @@ QUESTION_KINDS = ("chain", "relation", "sum", "difference", "split")
 def _question(rng: random.Random, cfg: CorpusConfig, kind: str) -> dict[str, Any] | None:
   """One question of `kind`: {"question", "solution", "answer", "steps"}, or None (retry)."""
   frame = "money" if rng.random() < 0.3 else "items"
-  obj = "dollars" if frame == "money" else rng.choice(OBJECTS)
+  obj = "dollars" if frame == "money" else rng.choice(_objects(cfg))
   c, cs = rng.choice(_CONTAINERS[frame])
-  first, second = (FEMALE, MALE) if rng.random() < 0.5 else (MALE, FEMALE)
+  first, second = _people(cfg, rng)
   p, q = rng.choice(first), rng.choice(second)
   pron = "she" if _GENDER[p] == "f" else "he"
   lo, hi = 5, cfg.max_operand
