@@ -26,6 +26,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "tqdm>=4.66",
     "safetensors>=0.4",
+    "matplotlib>=3.8,<4",
 ]
 
 EXTRAS = {
@@ -35,6 +36,9 @@ EXTRAS = {
         "torch==2.13.0",
         "transformers>=4.50,<6",
         "safetensors>=0.4",
+        "nbclient>=0.10,<0.12",
+        "nbformat>=5.10,<6",
+        "ipykernel>=6.29,<8",
     ],
 }
 
