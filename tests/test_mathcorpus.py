@@ -14,7 +14,8 @@ from latent_em import config_lib
 from latent_em.data import chunking
 from latent_em.data import mathcorpus as mc
 
-SMALL = mc.CorpusConfig(n_warmstart=60, n_bootstrap=120, n_validation=40, n_eval=60, n_fewshot=8)
+SMALL = mc.CorpusConfig(n_warmstart=60, n_bootstrap=120, n_validation=40, n_eval=60, n_fewshot=8,
+                        n_fresh=20)
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.")
 RECALL = re.compile(r"([A-Z][a-z]+) ha[sd] (\d+) ([a-z]+)\.")
@@ -76,7 +77,7 @@ def test_splits_are_deterministic_and_seeded(splits):
 
 def test_splits_sizes_fields_and_disjointness(splits):
   assert {k: len(v) for k, v in splits.items()} == {
-      "warmstart": 60, "bootstrap": 120, "validation": 40, "fewshot": 8, "eval": 60}
+      "warmstart": 60, "bootstrap": 120, "validation": 40, "fresh": 20, "fewshot": 8, "eval": 60}
   texts = [r["text"] for name in mc.TEXT_SPLITS for r in splits[name]]
   questions = [r["question"] for name in mc.QA_SPLITS for r in splits[name]]
   assert len(set(texts)) == len(texts)
@@ -343,3 +344,17 @@ def test_eval_answers_are_correct(splits):
     assert row["answer"] not in NUMBER.findall(row["question"])
   steps = collections.Counter(r["steps"] for r in splits["eval"])
   assert set(steps) == set(range(1, SMALL.max_steps + 1))
+
+
+def test_entity_pools_limit_names_and_objects():
+  cfg = mc.CorpusConfig(n_warmstart=40, n_bootstrap=0, n_validation=0, n_eval=30, n_fewshot=0,
+                        n_names=2, n_objects=3)
+  splits = mc.make_splits(cfg)
+  allowed_names = set(mc.FEMALE[:2] + mc.MALE[:2])
+  allowed_objects = set(mc.OBJECTS[:3]) | {"dollars"}
+  for text in [r["text"] for r in splits["warmstart"]] + [r["question"] for r in splits["eval"]]:
+    words = set(text.replace(".", " ").replace(",", " ").replace("'s", " ").split())
+    assert not (words & (set(mc.FEMALE + mc.MALE) - allowed_names)), text
+    assert not (words & (set(mc.OBJECTS) - allowed_objects)), text
+  # The oracle still explains every story.
+  assert all(mc.oracle_thought("", r["text"]) for r in splits["warmstart"])
