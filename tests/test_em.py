@@ -184,8 +184,7 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   # A changed setup is refused, naming the stage, instead of mixing two experiments.
   proc = run_main(args + ["--config.estep.num_samples=2"], timeout=600, check=False)
   assert proc.returncode != 0
-  # (The first such stage is the warm start's evaluation: ELBO_k samples with config.estep.)
-  assert "stage 'runs/warmstart/eval'" in proc.stderr and "changed: config" in proc.stderr
+  assert "stage 'estep/iter_1'" in proc.stderr and "changed: config" in proc.stderr
 
 
 @pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=8"])

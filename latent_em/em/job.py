@@ -232,8 +232,11 @@ class Experiment:
     train_dir = self.stages.path(f"runs/{name}/train")
     thought = self.runs[name]["train"]["thought_trained"]
     elbo_files = self._elbo_files() if thought else ()
+    config = self._sections("eval", "estep")
+    for key in ("num_samples", "selection", "seed", "docs_per_shard", "elbo_ks", "max_docs"):
+      config["estep"].pop(key, None)  # ELBO_k uses the E-step's sampler and chunking only
     spec = {"init_from": train_dir, "thought_trained": thought, "elbo_files": elbo_files,
-            "config": self._sections("eval", "estep")}
+            "config": config}
 
     def fn(directory: str) -> dict[str, Any]:
       # Thought-trained runs: both answer variants and ELBO_k; raw runs: raw answers (latent
