@@ -240,6 +240,12 @@ def test_stages_reuse_identical_stages_from_another_workdir(tmp_path):
   assert os.path.islink(os.path.join(b, "teacher"))
   assert second.run("estep", {"k": 1}, lambda d: calls.append(d) or {"n": 1}) == {"n": 1}
   assert calls == [os.path.join(b, "estep")] and not os.path.islink(calls[0])
+  # A stage that reads the second experiment's own E-step output is recomputed, even though
+  # its spec (with paths mapped) equals the first experiment's.
+  first.run("train", {"records": f"{a}/estep/r.tfrecord"}, lambda d: {"m": 4})
+  out_train = second.run("train", {"records": f"{b}/estep/r.tfrecord"},
+                         lambda d: calls.append(d) or {"m": 1})
+  assert out_train == {"m": 1} and not os.path.islink(os.path.join(b, "train"))
   # A rerun of the second experiment accepts the linked stage as its own.
   again = Stages(b, reuse_from=a)
   assert again.run("teacher", {"files": [f"{b}/corpus/x.jsonl"]}, lambda d: 1 / 0) == out

@@ -162,7 +162,8 @@ class Experiment:
     """The config sections a stage depends on (part of its spec: a change re-runs nothing
     silently; see stages.Stages.run)."""
     out = {}
-    for name in names:
+    # The corpus and tokenizer settings decide what every stage's input files hold.
+    for name in ("corpus", "tokenizer") + names:
       value = self.config.get(name)
       out[name] = value.to_dict() if hasattr(value, "to_dict") else value
     for skip in (("train", "steps"), ("train", "init_from"), ("train", "progress_bar"),

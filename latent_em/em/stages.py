@@ -74,6 +74,8 @@ class Stages:
     other = io_utils.read_json(marker)
     if _replace_paths(other.get("spec"), self.reuse_from, self.workdir) != spec:
       return None
+    if self._reads_local_outputs(spec):
+      return None
     target = self.path(name)
     if os.path.lexists(target):
       if os.path.islink(target):
@@ -86,6 +88,26 @@ class Stages:
     self.log(f"[{name}] reused from {self.reuse_from}")
     self.timings[name] = 0.0
     return _replace_paths(other["outputs"], self.reuse_from, self.workdir)
+
+  def _reads_local_outputs(self, spec: Any) -> bool:
+    """Whether the spec names outputs of a stage computed in this workdir (not linked): equal
+    paths then hold different data, so the other experiment's stage cannot stand in."""
+    text = json.dumps(spec)
+    prefix = self.workdir.rstrip("/") + "/"
+    start = text.find(prefix)
+    while start != -1:
+      end = start + len(prefix)
+      while end < len(text) and text[end] not in '"\\':
+        end += 1
+      parts = text[start + len(prefix):end].split("/")
+      for i in range(1, len(parts) + 1):
+        stage = os.path.join(self.workdir, *parts[:i])
+        if os.path.exists(os.path.join(stage, MARKER)):
+          if not os.path.islink(stage):
+            return True
+          break
+      start = text.find(prefix, end)
+    return False
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name)
