@@ -307,9 +307,8 @@ class Experiment:
     started = time.perf_counter()
     raw_all = self.files["warmstart"] + self.files["bootstrap"]
     teacher = self.teacher()
-    ws_raw = self._record_raw_tokens(teacher)
     self._train_run("warmstart", record_files=teacher, epochs=cfg.warmstart_epochs,
-                    thought_trained=True, raw_tokens=ws_raw)
+                    thought_trained=True, raw_tokens=self._record_raw_tokens(teacher))
     self._eval_run("warmstart")
     all_raw_tokens = self._raw_tokens(raw_all)
     if "raw_token_matched" in cfg.baselines:
@@ -320,11 +319,9 @@ class Experiment:
     for t in range(1, cfg.iterations + 1):
       thoughts = self.estep(t, previous)
       record_files = ((*teacher, thoughts) if cfg.mstep_include_warmstart else (thoughts,))
-      raw = ws_raw + self._record_raw_tokens((thoughts,)) if cfg.mstep_include_warmstart \
-          else self._record_raw_tokens((thoughts,))
       name = f"em_iter_{t}"
       self._train_run(name, record_files=record_files, epochs=cfg.mstep_epochs,
-                      thought_trained=True, raw_tokens=raw)
+                      thought_trained=True, raw_tokens=self._record_raw_tokens(record_files))
       self._eval_run(name)
       previous = self.stages.path(f"runs/{name}/train")
       if t == 1:
