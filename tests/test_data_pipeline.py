@@ -291,6 +291,22 @@ def test_bad_tfrecord_records(env):
       list(sources.read_tfrecord_texts(p, "text", "fail", sources.InputStats()))
 
 
+def test_read_docs_ids_do_not_depend_on_location(tmp_path):
+  """The same files in two folders give the same doc ids (they seed per-document choices)."""
+  ids = []
+  for where in ("a", "b/deeper"):
+    root = tmp_path / where
+    (root / "sub").mkdir(parents=True)
+    (root / "one.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n')
+    (root / "sub" / "two.jsonl").write_text('{"text": "z"}\n')
+    files = [str(root / "one.jsonl"), str(root / "sub" / "two.jsonl")]
+    ids.append(list(sources.read_docs(files, "text", "fail", sources.InputStats())))
+  assert ids[0] == ids[1] == [("one.jsonl:1", "x"), ("one.jsonl:3", "y"), ("sub/two.jsonl:1", "z")]
+  single = str(tmp_path / "a" / "one.jsonl")
+  assert [i for i, _ in sources.read_docs([single], "text", "fail", sources.InputStats())] == [
+      "one.jsonl:1", "one.jsonl:3"]
+
+
 def test_gzip_jsonl_and_missing_files(env, tmp_path):
   path = tmp_path / "docs.jsonl.gz"
   with gzip.open(path, "wt", encoding="utf-8") as f:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
+import os
 import json
 import threading
 from typing import IO, Iterator
@@ -407,6 +408,25 @@ def read_texts(path: str, text_field: str, policy: str, stats: InputStats,
   if kind == "tfrecord":
     return read_tfrecord_texts(path, text_field, policy, stats, **kwargs)
   raise ValueError(f"{path!r}: tfds specs are read through seqio.TfdsDataSource, not here")
+
+
+def read_docs(files: list[str], text_field: str, policy: str, stats: InputStats,
+              **kwargs) -> Iterator[tuple[str, str]]:
+  """Yields (doc_id, text) over several files, doc_id "RELPATH:N" with RELPATH relative to the
+  deepest folder holding all files.
+
+  The ids (which seed per-document choices such as the M-step's layout coin flips) therefore do
+  not depend on where the files live: the same corpus copied to another workdir gives the same
+  ids. Error messages still name the full path.
+  """
+  files = list(files)
+  if not files:
+    return
+  root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+  for path in files:
+    rel = os.path.relpath(os.path.abspath(path), root)
+    for where, text in read_texts(path, text_field, policy, stats, **kwargs):
+      yield f"{rel}:{where.rsplit(':', 1)[1]}", text
 
 
 def check_text(data: bytes, where: str, text_field: str, policy: str, stats: InputStats,

@@ -10,6 +10,7 @@ aggregates them (read back from the records, so it is the same after any number 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 from typing import Any, Iterator
@@ -29,13 +30,8 @@ RECORD_PREFIX = "records"
 
 def iter_documents(files, cfg: core.EStepConfig, stats: sources.InputStats
                    ) -> Iterator[tuple[str, str]]:
-  n = 0
-  for path in files:
-    for doc_id, text in sources.read_texts(path, cfg.text_field, cfg.on_bad_input, stats):
-      yield doc_id, text
-      n += 1
-      if cfg.max_docs and n >= cfg.max_docs:
-        return
+  docs = sources.read_docs(files, cfg.text_field, cfg.on_bad_input, stats)
+  yield from (itertools.islice(docs, cfg.max_docs) if cfg.max_docs else docs)
 
 
 def shard_docs(docs: Iterator[tuple[str, str]], per_shard: int

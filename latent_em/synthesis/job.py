@@ -186,9 +186,8 @@ def _input_files(config: Any, cfg: SynthesisConfig, workdir: str) -> list[str]:
 
 def _read_docs(files: list[str], cfg: SynthesisConfig,
                stats: sources.InputStats) -> Iterator[tuple[str, str]]:
-  docs = itertools.chain.from_iterable(
-      sources.read_texts(f, cfg.text_field, cfg.on_bad_input, stats,
-                         max_doc_chars=cfg.max_doc_chars) for f in files)
+  docs = sources.read_docs(files, cfg.text_field, cfg.on_bad_input, stats,
+                           max_doc_chars=cfg.max_doc_chars)
   return itertools.islice(docs, cfg.max_docs) if cfg.max_docs else docs
 
 
