@@ -178,6 +178,11 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   recs = list(records.read_records(os.path.join(workdir, "estep", "iter_1", "estep",
                                                 "records-*.tfrecord")))
   assert recs and all(len(c.log_weights) == 4 for r in recs for c in r.chunks)
+  # Thought arithmetic: the teacher's working is right; an E-step's share is recomputed here.
+  assert runs["warmstart"]["thought_arithmetic"] == 1.0
+  want = mathcorpus.thought_arithmetic(c.thought for r in recs for c in r.chunks)["fraction"]
+  assert runs["em_iter_1"]["thought_arithmetic"] == want
+  assert "thought_arithmetic" not in runs["raw_token_matched"]
   proc = run_main(args, timeout=600)
   again = proc.stdout + proc.stderr
   assert again.count("skipping") >= 12 and "] starting" not in again

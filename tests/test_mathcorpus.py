@@ -161,6 +161,15 @@ def test_oracle_arithmetic_is_correct(docs):
   assert n_eq > 800
 
 
+def test_thought_arithmetic_scores_equations(docs):
+  oracle = mc.thought_arithmetic(t for doc in docs for t in doc.oracle_thoughts)
+  assert oracle["equations"] > 800 and oracle["fraction"] == 1.0
+  got = mc.thought_arithmetic(["Mia had 52 marbles. 52 - 5 = 47.", None, "",
+                               "3 * 4 = 12. 12 / 4 = 3. 10+10=10.", "5 / 0 = 0. 7 / 2 = 3."])
+  assert (got["equations"], got["correct"]) == (6, 3)
+  assert mc.thought_arithmetic(["no working here"])["fraction"] is None
+
+
 def test_text_is_compressed_and_the_thought_supplies_the_working(docs):
   """Each derived number is absent from everything written before it, and the thought computes
   it with equations whose operands all come from earlier text or earlier working."""

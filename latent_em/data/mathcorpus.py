@@ -23,7 +23,7 @@ import dataclasses
 import os
 import random
 import re
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from latent_em import config_lib, io_utils
 
@@ -555,6 +555,28 @@ def derived_numbers(sentences: Sequence[str]) -> list[int | None]:
     derived = [f.nums[0] for f in row if f.kind in DERIVED]
     out.append(derived[-1] if derived else None)
   return out
+
+
+_ANY_EQUATION = re.compile(r"(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)")
+
+
+def thought_arithmetic(thoughts: Iterable[str | None]) -> dict[str, Any]:
+  """How many of the equations "a op b = c" written in `thoughts` are right.
+
+  A diagnostic of thought quality on this corpus (the oracle's thoughts score 1.0): thoughts
+  whose working is wrong cannot make the derived numbers of the text predictable. Division
+  counts as right when b * c == a (the corpus divides evenly).
+  """
+  total = correct = 0
+  for thought in thoughts:
+    for a, op, b, c in _ANY_EQUATION.findall(thought or ""):
+      a, b, c = int(a), int(b), int(c)
+      right = {"+": a + b == c, "-": a - b == c, "*": a * b == c,
+               "/": b != 0 and b * c == a}[op]
+      total += 1
+      correct += right
+  return {"equations": total, "correct": correct,
+          "fraction": correct / total if total else None}
 
 
 # ---------------------------------------------------------------------------------- generation

@@ -123,7 +123,9 @@ class Experiment:
     # splits, when that corpus is in use, instead of regenerating it per stage).
     overrides = {"tokenizer.path": tokenizer.path, "train.init_from": self.cfg.base}
     builtin = os.path.join(self.workdir, "corpus")
-    if (os.path.exists(os.path.join(builtin, "DONE.json"))
+    # Files of the built-in corpus: E-step thoughts are scored for their arithmetic.
+    self.builtin_corpus = os.path.exists(os.path.join(builtin, "DONE.json"))
+    if (self.builtin_corpus
         and not config.eval.fewshot.get("mathcorpus_dir")):
       overrides["eval.fewshot.mathcorpus_dir"] = builtin
     self.config = derive(config, overrides)
@@ -143,6 +145,15 @@ class Experiment:
   def _record_raw_tokens(self, record_globs: tuple[str, ...]) -> int:
     from latent_em.data import records  # pylint: disable=g-import-not-at-top
     return sum(len(self.tokenizer.encode(r.text)) + 1 for r in records.read_records(list(record_globs)))
+
+  def _thought_arithmetic(self, name: str, record_globs: tuple[str, ...]) -> None:
+    """On the built-in corpus: the share of right equations in the thoughts run `name` was
+    trained on (mathcorpus.thought_arithmetic; reported next to its metrics)."""
+    if not self.builtin_corpus:
+      return
+    from latent_em.data import mathcorpus, records  # pylint: disable=g-import-not-at-top
+    thoughts = (c.thought for r in records.read_records(list(record_globs)) for c in r.chunks)
+    self.runs[name]["thought_arithmetic"] = mathcorpus.thought_arithmetic(thoughts)
 
   def _epoch_tokens(self, raw_files: tuple[str, ...], record_files: tuple[str, ...],
                     fmt: str) -> int:
@@ -309,6 +320,7 @@ class Experiment:
     teacher = self.teacher()
     self._train_run("warmstart", record_files=teacher, epochs=cfg.warmstart_epochs,
                     thought_trained=True, raw_tokens=self._record_raw_tokens(teacher))
+    self._thought_arithmetic("warmstart", teacher)
     self._eval_run("warmstart")
     all_raw_tokens = self._raw_tokens(raw_all)
     if "raw_token_matched" in cfg.baselines:
@@ -322,6 +334,7 @@ class Experiment:
       name = f"em_iter_{t}"
       self._train_run(name, record_files=record_files, epochs=cfg.mstep_epochs,
                       thought_trained=True, raw_tokens=self._record_raw_tokens(record_files))
+      self._thought_arithmetic(name, (thoughts,))  # the E-step's thoughts, not the teacher's
       self._eval_run(name)
       previous = self.stages.path(f"runs/{name}/train")
       if t == 1:

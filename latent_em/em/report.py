@@ -46,6 +46,9 @@ def collect(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "thought_trained": train["thought_trained"],
         "samples": ev.get("samples", []),
     }
+    arith = run.get("thought_arithmetic")
+    if arith is not None:
+      out[name]["thought_arithmetic"] = arith["fraction"]
   return {"runs": out}
 
 
@@ -58,14 +61,17 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 def table(results: dict[str, Any]) -> str:
   """A markdown table of one experiment's runs."""
   ks = sorted({k for r in results["runs"].values() for k in r["elbo_per_token"]}, key=int)
+  arith = any("thought_arithmetic" in r for r in results["runs"].values())
   head = (["run", "accuracy %", "latent acc. %", "NLL/token"] + [f"ELBO_{k}/token" for k in ks]
-          + ["train tokens", "raw tokens"])
+          + ["train tokens", "raw tokens"] + (["thought arith. %"] if arith else []))
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results["runs"].items():
     row = [name, _fmt(r["accuracy"], True), _fmt(r["latent_accuracy"], True),
            _fmt(r["nll_per_token"])]
     row += [_fmt(r["elbo_per_token"].get(k)) for k in ks]
     row += [f"{r['train_tokens']:,}", f"{r['raw_tokens']:,}"]
+    if arith:
+      row.append(_fmt(r.get("thought_arithmetic"), True))
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
@@ -164,7 +170,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str
   for res in results:
     for name, r in res["runs"].items():
       m = metrics.setdefault(name, {})
-      for key in ("accuracy", "latent_accuracy", "nll_per_token"):
+      for key in ("accuracy", "latent_accuracy", "nll_per_token", "thought_arithmetic"):
         if r.get(key) is not None:
           m.setdefault(key, []).append(r[key])
       for k, v in (r.get("elbo_per_token") or {}).items():
@@ -180,6 +186,8 @@ def aggregate_table(agg: dict[str, dict[str, dict[str, float]]]) -> str:
   keys = ["accuracy", "latent_accuracy", "nll_per_token"]
   keys += sorted({k for m in agg.values() for k in m if k.startswith("elbo_")},
                  key=lambda k: int(k.split("_")[1]))
+  if any("thought_arithmetic" in m for m in agg.values()):
+    keys.append("thought_arithmetic")
   lines = ["| run | n | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
   for name, m in agg.items():
     n = max((v["n"] for v in m.values()), default=0)
@@ -187,7 +195,7 @@ def aggregate_table(agg: dict[str, dict[str, dict[str, float]]]) -> str:
     for k in keys:
       if k not in m:
         cells.append("-")
-      elif "accuracy" in k:
+      elif "accuracy" in k or k == "thought_arithmetic":
         cells.append(f"{100 * m[k]['mean']:.1f} [{100 * m[k]['min']:.1f}, "
                      f"{100 * m[k]['max']:.1f}]")
       else:
