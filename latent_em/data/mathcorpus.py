@@ -557,6 +557,7 @@ def derived_numbers(sentences: Sequence[str]) -> list[int | None]:
   return out
 
 
+# Looser than _EQUATION (the oracle's exact form): sampled thoughts need not keep its spacing.
 _ANY_EQUATION = re.compile(r"(\d+)\s*([-+*/])\s*(\d+)\s*=\s*(\d+)")
 
 

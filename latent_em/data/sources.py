@@ -23,8 +23,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import gzip
-import os
 import json
+import os
 import threading
 from typing import IO, Iterator
 
