@@ -1,0 +1,192 @@
+r"""Where a run's nats go on the built-in corpus, and how much a right thought could save.
+
+  python -m latent_em.em.headroom --config=configs/quickstart.py --workdir=/tmp/bolt_quickstart
+
+For every finished run of an EM workdir, scores the first `--docs` validation stories sentence
+by sentence and reports, per token of raw text:
+  nll_per_token           -log p(sentence | BOS, earlier sentences), averaged over all tokens
+  derived_digits          the digits of derived quantities (the numbers the text states without
+                          the working, e.g. "47" in "Now she has 47 marbles."): their count, NLL
+                          per digit and share of all nats — the most a thought could remove
+  derived_digits_given_thought
+                          NLL per derived digit when the oracle working is placed before the
+                          sentence in prior form (`... SoL PRIOR z EoL sentence`): how much the
+                          run *uses* a right thought (thought-trained runs; the working's own
+                          cost is not counted)
+Writes WORKDIR/headroom.json (atomically) and prints a table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+from latent_em import formats, io_utils
+from latent_em.data import mathcorpus
+from latent_em.sampling import scoring
+
+OUTPUT = "headroom.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sentence:
+  """One sentence of a story: the ids before it, its own ids, where its derived digits are."""
+  prefix: str                   # the earlier sentences
+  text: str                     # the sentence
+  context: list[int]            # BOS + ids of `prefix`
+  target: list[int]             # the sentence's tokens
+  digits: list[int]             # positions in `target` of derived-quantity digits
+  thought: str | None           # the oracle working (None: nothing derived, or not recoverable)
+
+
+def _tail(tokenizer, context_text: str, text: str, context: list[int]) -> list[int] | None:
+  """The ids `text` adds after `context_text`, or None if tokenizing them together would not
+  keep `context` as a prefix (then the sentence cannot be scored on its own)."""
+  ids = tokenizer.encode(context_text + text)
+  n = len(context) - 1  # context carries BOS
+  return ids[n:] if ids[:n] == context[1:] else None
+
+
+def _digit_positions(tokenizer, target: list[int], values: Sequence[int]) -> list[int]:
+  """Positions of the digits of each value, written as a whole number in `target`."""
+  pieces = [tokenizer.id_to_piece(t).lstrip("\u2581") for t in target]
+  out = []
+  for v in values:
+    digits = list(str(v))
+    for j in range(len(pieces) - len(digits) + 1):
+      before_ok = j == 0 or not pieces[j - 1].isdigit()
+      after_ok = j + len(digits) == len(pieces) or not pieces[j + len(digits)].isdigit()
+      if pieces[j:j + len(digits)] == digits and before_ok and after_ok:
+        out.extend(range(j, j + len(digits)))
+        break
+  return out
+
+
+def story_sentences(tokenizer, text: str) -> tuple[list[Sentence], int]:
+  """The scoreable sentences of a story, and how many were left out (tokenization across the
+  sentence boundary differs from tokenizing the sentence after its context)."""
+  sentences = mathcorpus.split_sentences(text)
+  facts = mathcorpus.parse_sentences(sentences)
+  thoughts = mathcorpus.sentence_thoughts(sentences)
+  out, skipped = [], 0
+  prefix = ""
+  for s, fs, thought in zip(sentences, facts, thoughts):
+    context = [tokenizer.bos_id] + tokenizer.encode(prefix)
+    target = _tail(tokenizer, prefix, s, context)
+    if not target:
+      skipped += 1
+    else:
+      values = [f.nums[0] for f in fs if f.kind in mathcorpus.DERIVED] if thought else []
+      out.append(Sentence(prefix, s, context, target, _digit_positions(tokenizer, target, values), thought))
+    prefix += s
+  return out, skipped
+
+
+def measure(logprob_fn, params: Any, tokenizer, texts: Sequence[str], *, row_len: int,
+            rows: int = 16) -> dict[str, Any]:
+  """The module docstring's numbers for one model on `texts` (see there)."""
+  sentences, skipped, too_long = [], 0, 0
+  for text in texts:
+    if 1 + len(tokenizer.encode(text)) > row_len:
+      too_long += 1   # scored only whole, from BOS, like the validation NLL: no room to do so
+      continue
+    s, k = story_sentences(tokenizer, text)
+    sentences += s
+    skipped += k
+  score = lambda pairs: scoring.score(logprob_fn, params, pairs, row_len, rows_per_batch=rows)
+  total = score([(s.context, s.target) for s in sentences])
+  tokens = sum(len(s.target) for s in sentences)
+  # One pair per derived digit: the sentence up to that digit, then the digit.
+  plain, given = [], []
+  for s in sentences:
+    if not s.digits:
+      continue
+    thought_ctx_text = s.prefix + formats.SOL + formats.PRIOR + s.thought + formats.EOL
+    thought_ctx = [tokenizer.bos_id] + tokenizer.encode(thought_ctx_text)
+    same = _tail(tokenizer, thought_ctx_text, s.text, thought_ctx) == s.target
+    for j in s.digits:
+      plain.append((s.context + s.target[:j], [s.target[j]]))
+      if same and len(thought_ctx) + j <= row_len:  # fits one row
+        given.append((thought_ctx + s.target[:j], [s.target[j]]))
+  digit_lp = score(plain) if plain else np.zeros(0)
+  given_lp = score(given) if given else np.zeros(0)
+  nats = -float(total.sum())
+  return {
+      "docs": len(texts) - too_long, "docs_too_long": too_long, "sentences": len(sentences),
+      "sentences_skipped": skipped,
+      "tokens": tokens, "nll_per_token": nats / max(tokens, 1),
+      "derived_digits": {
+          "count": len(plain),
+          "nll_per_digit": -float(digit_lp.mean()) if plain else float("nan"),
+          "share_of_nats": -float(digit_lp.sum()) / nats if nats else float("nan")},
+      "derived_digits_given_thought": {
+          "count": len(given),
+          "nll_per_digit": -float(given_lp.mean()) if given else float("nan")},
+  }
+
+
+def _runs(workdir: str) -> list[str]:
+  runs_dir = os.path.join(workdir, "runs")
+  names = sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []
+  return [n for n in names
+          if os.path.exists(os.path.join(runs_dir, n, "train", "STAGE_DONE.json"))]
+
+
+def run(config, workdir: str, docs: int = 120) -> dict[str, Any]:
+  """Measures every finished run of the EM workdir; writes WORKDIR/headroom.json."""
+  from latent_em import runtime, train  # pylint: disable=g-import-not-at-top
+  from latent_em import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "corpus", "validation.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: {workdir!r} is not a workdir of an EM job on "
+                            "the built-in corpus (run configs/quickstart.py there first)")
+  names = _runs(workdir)
+  if not names:
+    raise FileNotFoundError(f"no finished run under {workdir}/runs/*/train (STAGE_DONE.json)")
+  with open(path) as f:
+    texts = [json.loads(line)["text"] for line in f if line.strip()][:docs]
+  tokenizer = tok_lib.load(os.path.join(workdir, "tokenizer.model"))
+  model_cfg = runtime.model_config(config, tokenizer)
+  logprob_fn = scoring.make_token_logprobs(model_cfg)
+  row_len = runtime.section(config, "data").seq_len
+  results = {}
+  for name in names:
+    params = train.load_init_params(os.path.join(workdir, "runs", name, "train"), model_cfg)
+    results[name] = measure(logprob_fn, params, tokenizer, texts, row_len=row_len)
+  io_utils.write_json(os.path.join(workdir, OUTPUT), {"docs": len(texts), "runs": results})
+  return results
+
+
+def table(results: dict[str, Any]) -> str:
+  lines = ["| run | NLL/token | derived digits | NLL/digit | share of nats | NLL/digit given "
+           "oracle thought |", "|---|---|---|---|---|---|"]
+  for name, r in results.items():
+    d, g = r["derived_digits"], r["derived_digits_given_thought"]
+    lines.append(f"| {name} | {r['nll_per_token']:.3f} | {d['count']} | {d['nll_per_digit']:.2f}"
+                 f" | {100 * d['share_of_nats']:.1f}% | {g['nll_per_digit']:.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from latent_em import config_lib  # pylint: disable=g-import-not-at-top
+  try:
+    results = run(_CONFIG.value, flags.FLAGS.workdir, flags.FLAGS.docs)
+  except (config_lib.ConfigError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  print(table(results))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "The EM run's config file[:variant].")
+  flags.DEFINE_string("workdir", None, "The EM job's workdir.")
+  flags.DEFINE_integer("docs", 120, "Validation stories to score.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,90 @@
+"""The headroom analysis: sentence-by-sentence scoring that adds up to the whole story's."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from latent_em import model, tokenizer
+from latent_em.data import mathcorpus
+from latent_em.em import headroom
+from latent_em.sampling import scoring
+
+from conftest import REPO
+
+MODEL = dict(vocab_size=384, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=128)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  splits = mathcorpus.make_splits(mathcorpus.CorpusConfig(
+      n_warmstart=0, n_bootstrap=150, n_validation=8, n_eval=0, n_fewshot=0))
+  path = str(tmp_path_factory.mktemp("headroom") / "tok.model")
+  tok = tokenizer.load(tokenizer.train([d["text"] for d in splits["bootstrap"]], path, 360))
+  return tok, [d["text"] for d in splits["validation"]]
+
+
+def test_sentences_tile_the_story_and_find_the_derived_digits(assets):
+  tok, texts = assets
+  n_digits = 0
+  for text in texts:
+    sentences, skipped = headroom.story_sentences(tok, text)
+    assert skipped == 0
+    assert [t for s in sentences for t in s.target] == tok.encode(text)
+    assert "".join(s.text for s in sentences) == text
+    values = mathcorpus.derived_numbers(mathcorpus.split_sentences(text))
+    for s, v in zip(sentences, values):
+      digits = "".join(tok.id_to_piece(s.target[j]).lstrip("\u2581") for j in s.digits)
+      assert digits == (str(v) if s.thought else ""), (s.text, s.thought)
+      n_digits += len(s.digits)
+  assert n_digits > 0
+
+
+def test_measure_adds_up_to_one_forward_over_each_story(assets):
+  """The sum over sentences equals scoring each whole story at once (an independent pass)."""
+  tok, texts = assets
+  cfg = model.ModelConfig(**MODEL)
+  params = model.init_params(cfg, jax.random.key(0))
+  fn = scoring.make_token_logprobs(cfg)
+  res = headroom.measure(fn, params, tok, texts, row_len=512, rows=4)
+  whole = scoring.score(fn, params, [([tok.bos_id], tok.encode(t)) for t in texts], 512,
+                        rows_per_batch=4)
+  assert res["docs"] == len(texts) and res["docs_too_long"] == 0
+  assert res["tokens"] == sum(len(tok.encode(t)) for t in texts)
+  np.testing.assert_allclose(res["nll_per_token"] * res["tokens"], -whole.sum(), rtol=1e-4)
+  d = res["derived_digits"]
+  expected = sum(len(str(v)) for t in texts
+                 for v, th in zip(mathcorpus.derived_numbers(mathcorpus.split_sentences(t)),
+                                  mathcorpus.sentence_thoughts(mathcorpus.split_sentences(t)))
+                 if th)
+  assert d["count"] == expected > 0
+  # A random model: about log(vocab) nats per digit, a share of all nats in (0, 1).
+  assert abs(d["nll_per_digit"] - np.log(MODEL["vocab_size"])) < 1.0
+  assert 0.0 < d["share_of_nats"] < 1.0
+  assert res["derived_digits_given_thought"]["count"] == d["count"]
+  # Stories longer than a row are left out and counted, not cut.
+  longest = max(len(tok.encode(t)) for t in texts)
+  short = headroom.measure(fn, params, tok, texts, row_len=longest, rows=4)
+  assert short["docs_too_long"] >= 1 and short["docs"] + short["docs_too_long"] == len(texts)
+
+
+def test_cli_on_the_smoke_experiment(em_smoke, tmp_path):
+  workdir, _ = em_smoke
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  cmd = [sys.executable, "-m", "latent_em.em.headroom", "--config=configs/quickstart.py:smoke",
+         "--docs=4"]
+  proc = subprocess.run(cmd + [f"--workdir={workdir}"], capture_output=True, text=True, env=env,
+                        cwd=REPO, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| em_iter_2 |" in proc.stdout
+  with open(os.path.join(workdir, headroom.OUTPUT)) as f:
+    out = json.load(f)
+  assert out["docs"] == 4
+  assert sorted(out["runs"]) == sorted(
+      ["warmstart", "raw_token_matched", "em_iter_1", "raw_compute_matched", "em_iter_2"])
+  bad = subprocess.run(cmd + [f"--workdir={tmp_path}"], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=600)
+  assert bad.returncode != 0 and "validation.jsonl not found" in bad.stderr
