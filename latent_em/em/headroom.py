@@ -18,7 +18,7 @@ Writes WORKDIR/headroom.json (atomically) and prints a table.
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 import os
 import sys
 from typing import Any, Sequence
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from latent_em import formats, io_utils
-from latent_em.data import mathcorpus
+from latent_em.data import mathcorpus, sources
 from latent_em.sampling import scoring
 
 OUTPUT = "headroom.json"
@@ -81,14 +81,25 @@ def story_sentences(tokenizer, text: str) -> tuple[list[Sentence], int]:
       skipped += 1
     else:
       values = [f.nums[0] for f in fs if f.kind in mathcorpus.DERIVED] if thought else []
-      out.append(Sentence(prefix, s, context, target, _digit_positions(tokenizer, target, values), thought))
+      digits = _digit_positions(tokenizer, target, values)
+      out.append(Sentence(prefix, s, context, target, digits, thought))
     prefix += s
   return out, skipped
 
 
-def measure(logprob_fn, params: Any, tokenizer, texts: Sequence[str], *, row_len: int,
-            rows: int = 16) -> dict[str, Any]:
-  """The module docstring's numbers for one model on `texts` (see there)."""
+@dataclasses.dataclass(frozen=True)
+class Pairs:
+  """What `score` scores for a set of stories, built once and shared by every run."""
+  sentences: list[tuple[list[int], list[int]]]   # (context, sentence) per sentence
+  digits: list[tuple[list[int], list[int]]]      # (context + sentence so far, [derived digit])
+  digits_given_thought: list[tuple[list[int], list[int]]]  # the same after the oracle working
+  docs: int
+  docs_too_long: int
+  sentences_skipped: int
+
+
+def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
+  """The scoring pairs of `texts`; stories longer than a row are counted and left out."""
   sentences, skipped, too_long = [], 0, 0
   for text in texts:
     if 1 + len(tokenizer.encode(text)) > row_len:
@@ -97,9 +108,6 @@ def measure(logprob_fn, params: Any, tokenizer, texts: Sequence[str], *, row_len
     s, k = story_sentences(tokenizer, text)
     sentences += s
     skipped += k
-  score = lambda pairs: scoring.score(logprob_fn, params, pairs, row_len, rows_per_batch=rows)
-  total = score([(s.context, s.target) for s in sentences])
-  tokens = sum(len(s.target) for s in sentences)
   # One pair per derived digit: the sentence up to that digit, then the digit.
   plain, given = [], []
   for s in sentences:
@@ -112,21 +120,34 @@ def measure(logprob_fn, params: Any, tokenizer, texts: Sequence[str], *, row_len
       plain.append((s.context + s.target[:j], [s.target[j]]))
       if same and len(thought_ctx) + j <= row_len:  # fits one row
         given.append((thought_ctx + s.target[:j], [s.target[j]]))
-  digit_lp = score(plain) if plain else np.zeros(0)
-  given_lp = score(given) if given else np.zeros(0)
+  return Pairs([(s.context, s.target) for s in sentences], plain, given,
+               len(texts) - too_long, too_long, skipped)
+
+
+def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) -> dict[str, Any]:
+  """The module docstring's numbers for one model."""
+  run = lambda ps: (scoring.score(logprob_fn, params, ps, row_len, rows_per_batch=rows)
+                    if ps else np.zeros(0))
+  total, digit_lp, given_lp = run(p.sentences), run(p.digits), run(p.digits_given_thought)
+  tokens = sum(len(t) for _, t in p.sentences)
   nats = -float(total.sum())
+  mean_nll = lambda lp: -float(lp.mean()) if lp.size else float("nan")
   return {
-      "docs": len(texts) - too_long, "docs_too_long": too_long, "sentences": len(sentences),
-      "sentences_skipped": skipped,
+      "docs": p.docs, "docs_too_long": p.docs_too_long, "sentences": len(p.sentences),
+      "sentences_skipped": p.sentences_skipped,
       "tokens": tokens, "nll_per_token": nats / max(tokens, 1),
       "derived_digits": {
-          "count": len(plain),
-          "nll_per_digit": -float(digit_lp.mean()) if plain else float("nan"),
+          "count": len(p.digits), "nll_per_digit": mean_nll(digit_lp),
           "share_of_nats": -float(digit_lp.sum()) / nats if nats else float("nan")},
       "derived_digits_given_thought": {
-          "count": len(given),
-          "nll_per_digit": -float(given_lp.mean()) if given else float("nan")},
+          "count": len(p.digits_given_thought), "nll_per_digit": mean_nll(given_lp)},
   }
+
+
+def measure(logprob_fn, params: Any, tokenizer, texts: Sequence[str], *, row_len: int,
+            rows: int = 16) -> dict[str, Any]:
+  """`score` on the pairs of `texts` (one model; `run` builds the pairs once for many)."""
+  return score(logprob_fn, params, pairs(tokenizer, texts, row_len), row_len=row_len, rows=rows)
 
 
 def _runs(workdir: str) -> list[str]:
@@ -147,16 +168,18 @@ def run(config, workdir: str, docs: int = 120) -> dict[str, Any]:
   names = _runs(workdir)
   if not names:
     raise FileNotFoundError(f"no finished run under {workdir}/runs/*/train (STAGE_DONE.json)")
-  with open(path) as f:
-    texts = [json.loads(line)["text"] for line in f if line.strip()][:docs]
+  stats = sources.InputStats()
+  texts = [t for _, t in itertools.islice(
+      sources.read_texts(path, runtime.section(config, "data").text_field, "skip", stats), docs)]
   tokenizer = tok_lib.load(os.path.join(workdir, "tokenizer.model"))
   model_cfg = runtime.model_config(config, tokenizer)
   logprob_fn = scoring.make_token_logprobs(model_cfg)
   row_len = runtime.section(config, "data").seq_len
+  shared = pairs(tokenizer, texts, row_len)
   results = {}
   for name in names:
     params = train.load_init_params(os.path.join(workdir, "runs", name, "train"), model_cfg)
-    results[name] = measure(logprob_fn, params, tokenizer, texts, row_len=row_len)
+    results[name] = score(logprob_fn, params, shared, row_len=row_len)
   io_utils.write_json(os.path.join(workdir, OUTPUT), {"docs": len(texts), "runs": results})
   return results
 
