@@ -58,6 +58,8 @@ class TokenizerConfig:
   path: str = ""                 # existing .model (must contain the 4 latent tokens)
   vocab_size: int = 512          # when training one into WORKDIR/tokenizer.model
   train_docs: int = 20000        # documents read to train it
+  # False: frequent numbers ("13", "20") become single pieces instead of one piece per digit.
+  split_digits: bool = True
 
   def __post_init__(self):
     # 256 byte pieces + specials + the corpus' characters must fit.
@@ -169,7 +171,7 @@ def get_tokenizer(config, workdir: str, train_files: tuple[str, ...] = ()):
     if jax.process_index() == 0:
       logging.info("training a %d-piece tokenizer on %d documents -> %s", cfg.vocab_size,
                    len(texts), path)
-      tok_lib.train(texts, path, cfg.vocab_size)
+      tok_lib.train(texts, path, cfg.vocab_size, split_digits=cfg.split_digits)
     sync("tokenizer")
   return tok_lib.load(path)
 

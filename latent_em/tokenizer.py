@@ -309,6 +309,7 @@ def train(
     seed: int = 0,
     max_sentence_length: int = 4192,
     input_sentence_size: int = 0,
+    split_digits: bool = True,
 ) -> str:
   """Trains a tokenizer with the layout of the module docstring and writes `output_path`.
 
@@ -322,6 +323,8 @@ def train(
     seed: sentencepiece's random seed (used when sampling `input_sentence_size` sentences).
     max_sentence_length: longest training sentence in bytes; longer lines are cut.
     input_sentence_size: train on a random sample of this many sentences (0 = all).
+    split_digits: one piece per digit (numbers of any length share ten pieces); False lets
+      frequent numbers become pieces of their own.
 
   Returns:
     output_path.
@@ -352,7 +355,7 @@ def train(
         pad_id=_PAD_ID, eos_id=_EOS_ID, unk_id=_UNK_ID, bos_id=_BOS_ID,
         user_defined_symbols=list(formats.LATENT_TOKENS),
         byte_fallback=True,
-        split_digits=True,
+        split_digits=split_digits,
         normalization_rule_name="identity",
         add_dummy_prefix=False,
         remove_extra_whitespaces=False,

@@ -1,5 +1,6 @@
 """Tests for latent_em.data.mathcorpus: the built-in compressed math stories and their oracle."""
 import collections
+import dataclasses
 import json
 import operator
 import os
@@ -367,3 +368,27 @@ def test_entity_pools_limit_names_and_objects():
     assert not (words & (set(mc.OBJECTS) - allowed_objects)), text
   # The oracle still explains every story.
   assert all(mc.oracle_thought("", r["text"]) for r in splits["warmstart"])
+
+
+def test_plain_stories_use_one_wording_and_keep_every_property():
+  cfg = mc.CorpusConfig(plain=True, max_operand=10, max_value=20, max_steps=2)
+  rng, rng_default = random.Random(5), random.Random(5)
+  docs = [mc.generate_document(rng, cfg) for _ in range(80)]
+  default = [mc.generate_document(rng_default, dataclasses.replace(cfg, plain=False))
+             for _ in range(80)]
+  words = lambda ds: {w for d in ds for w in re.sub(r"[.,]", " ", d.text).split()}
+  # Present tense, names for people, no side remarks or connectives.
+  for forbidden in ("had", "She", "He", "she", "he", "Then", "Later", "collecting", "proud"):
+    assert forbidden not in words(docs), forbidden
+  entity = re.compile(r"\b(%s)\b" % "|".join(mc.FEMALE + mc.MALE + mc.OBJECTS + ("dollars",)))
+  shapes = lambda ds: {entity.sub("X", re.sub(r"\d+", "N", s.strip()))
+                       for d in ds for s in d.sentences}
+  assert len(shapes(docs)) < 0.5 * len(shapes(default))
+  for doc in docs:
+    # Plain stories still parse back into their facts, and the oracle's working computes
+    # every derived number.
+    assert mc.parse_sentences(doc.sentences) == [tuple(r) for r in doc.facts], doc.text
+    for number, thought in zip(mc.derived_numbers(doc.sentences), doc.oracle_thoughts):
+      assert (number is None) == (thought is None)
+      if number is not None:
+        assert int(EQUATION.findall(thought)[-1][3]) == number

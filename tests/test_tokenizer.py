@@ -157,6 +157,17 @@ def test_digits_are_split(own):
   assert [own.decode([i]) for i in digits] == list("202431415")
 
 
+def test_unsplit_digits_make_frequent_numbers_pieces(tmp_path):
+  docs = [f"Ava has {n} cards. Now she has {n + 7} cards." for n in (10, 11)] * 80
+  split = tokenizer.load(tokenizer.train(docs, str(tmp_path / "s.model"), 300))
+  whole = tokenizer.load(tokenizer.train(docs, str(tmp_path / "w.model"), 300,
+                                         split_digits=False))
+  assert [split.decode([i]) for i in split.encode(" 10")] == [" ", "1", "0"]
+  assert [whole.decode([i]) for i in whole.encode(" 10")] == [" 10"]
+  for tok in (split, whole):
+    assert tok.decode(tok.encode("Ava has 2024 cards.")) == "Ava has 2024 cards."
+
+
 # ----------------------------------------------------------------------------- latent tokens
 
 

@@ -49,6 +49,10 @@ class CorpusConfig:
   max_steps: int = 3        # equations in the working of one derived quantity
   max_operand: int = 50     # largest given (stated) number
   max_value: int = 99       # largest value anywhere (given, intermediate or derived)
+  # Plain stories: one wording per kind of sentence, present tense, names instead of pronouns,
+  # no side remarks or connectives. Less text that no thought explains, so a larger share of a
+  # story's information is in its derived numbers.
+  plain: bool = False
 
   def __post_init__(self):
     key = "config.corpus"
@@ -608,7 +612,7 @@ class _Story:
   def __init__(self, rng: random.Random, cfg: CorpusConfig):
     self.rng, self.cfg = rng, cfg
     self.frame = "money" if rng.random() < 0.3 else "items"
-    self.past = rng.random() < 0.5
+    self.past = rng.random() < 0.5 and not cfg.plain
     self.obj = "dollars" if self.frame == "money" else rng.choice(_objects(cfg))
     self.container = rng.choice(_CONTAINERS[self.frame])
     first, second = _people(cfg, rng)
@@ -627,7 +631,8 @@ class _Story:
 
   def _person(self, name: str, form: str, pronoun_ok: bool) -> str:
     female = _GENDER[name] == "f"
-    if pronoun_ok and name == self.subject and self.rng.random() < 0.6:
+    if (pronoun_ok and name == self.subject and not self.cfg.plain
+        and self.rng.random() < 0.6):
       return {"S": "she" if female else "he", "O": "her" if female else "him",
               "P": "her" if female else "his"}[form]
     return name + "'s" if form == "P" else name
@@ -636,6 +641,8 @@ class _Story:
     after_sub = self.last_op.get(who) == "-"
     options = [t for t in _BY_KIND[kinds, self.frame]
                if (not op or t.op == op) and (after_sub or not t.after_sub)]
+    if self.cfg.plain:
+      return options[0]
     return self.rng.choice(options)
 
   def _emit(self, tpl: _Template, facts: Sequence[Fact], who: str, other: str | None = None,
@@ -651,10 +658,11 @@ class _Story:
     for slot, words in (("rel", _RELATIVES), ("item", _ITEMS), ("thing", _THINGS),
                         ("job", _JOBS)):
       if "{" + slot + "}" in tpl.text:
-        slots[slot] = rng.choice(words)
+        slots[slot] = words[0] if self.cfg.plain else rng.choice(words)
     if "f" in numbers:
       slots["times"] = next(w for w, f in _TIMES.items() if f == numbers["f"])
-    conn = rng.choice(_CONNECTIVES) if tpl.connective and rng.random() < 0.3 else ""
+    conn = ("" if self.cfg.plain or not tpl.connective or rng.random() >= 0.3
+            else rng.choice(_CONNECTIVES))
     text = _render(tpl, slots, self.past, conn)
     self.sentences.append((" " if self.sentences else "") + text)
     self.facts.append(tuple(facts))
@@ -804,7 +812,7 @@ def _build(rng: random.Random, cfg: CorpusConfig) -> Document | None:
   st = _Story(rng, cfg)
   p, q = st.p, st.q
   target = rng.randint(4, 9)
-  if rng.random() < 0.35:
+  if rng.random() < 0.35 and not cfg.plain:
     st.mention(p)
   st.init(p)
   for _ in range(40):
@@ -827,7 +835,7 @@ def _build(rng: random.Random, cfg: CorpusConfig) -> Document | None:
   for name in (p, q):
     if st.cost.get(name):
       st.state(name)
-  if len(st.sentences) < 10 and rng.random() < 0.15:
+  if len(st.sentences) < 10 and rng.random() < 0.15 and not cfg.plain:
     st.mention(p)
   return _validated(st, cfg)
 
