@@ -27,9 +27,17 @@ def assets(tmp_path_factory):
   return tok, [d["text"] for d in splits["validation"]]
 
 
-def test_sentences_tile_the_story_and_find_the_derived_digits(assets):
-  tok, texts = assets
-  n_digits = 0
+@pytest.mark.parametrize("split_digits", [True, False])
+def test_sentences_tile_the_story_and_find_the_derived_tokens(split_digits, tmp_path):
+  # Numbers up to 20, frequent enough for the whole-number tokenizer to give each a piece.
+  splits = mathcorpus.make_splits(mathcorpus.CorpusConfig(
+      n_warmstart=0, n_bootstrap=150, n_validation=8, n_eval=0, n_fewshot=0, max_operand=10,
+      max_value=20, max_steps=2, plain=True, n_names=4, n_objects=4))
+  texts = [d["text"] for d in splits["validation"]]
+  tok = tokenizer.load(tokenizer.train([d["text"] for d in splits["bootstrap"]],
+                                       str(tmp_path / "t.model"), 512,
+                                       split_digits=split_digits))
+  n_tokens = n_numbers = 0
   for text in texts:
     sentences, skipped = headroom.story_sentences(tok, text)
     assert skipped == 0
@@ -37,10 +45,16 @@ def test_sentences_tile_the_story_and_find_the_derived_digits(assets):
     assert "".join(s.text for s in sentences) == text
     values = mathcorpus.derived_numbers(mathcorpus.split_sentences(text))
     for s, v in zip(sentences, values):
-      digits = "".join(tok.id_to_piece(s.target[j]).lstrip("\u2581") for j in s.digits)
-      assert digits == (str(v) if s.thought else ""), (s.text, s.thought)
-      n_digits += len(s.digits)
-  assert n_digits > 0
+      spelled = "".join(tok.id_to_piece(s.target[j]).lstrip("\u2581") for j in s.numbers)
+      assert spelled == (str(v) if s.thought else ""), (s.text, s.thought)
+      n_tokens += len(s.numbers)
+      n_numbers += v is not None
+  assert n_numbers > 0
+  # Digit pieces: one token per digit; whole-number pieces: (mostly) one per number.
+  if split_digits:
+    assert n_tokens > 1.5 * n_numbers
+  else:
+    assert n_tokens < 1.2 * n_numbers
 
 
 def test_measure_adds_up_to_one_forward_over_each_story(assets):
@@ -55,16 +69,16 @@ def test_measure_adds_up_to_one_forward_over_each_story(assets):
   assert res["docs"] == len(texts) and res["docs_too_long"] == 0
   assert res["tokens"] == sum(len(tok.encode(t)) for t in texts)
   np.testing.assert_allclose(res["nll_per_token"] * res["tokens"], -whole.sum(), rtol=1e-4)
-  d = res["derived_digits"]
+  d = res["derived_tokens"]
   expected = sum(len(str(v)) for t in texts
                  for v, th in zip(mathcorpus.derived_numbers(mathcorpus.split_sentences(t)),
                                   mathcorpus.sentence_thoughts(mathcorpus.split_sentences(t)))
                  if th)
   assert d["count"] == expected > 0
   # A random model: about log(vocab) nats per digit, a share of all nats in (0, 1).
-  assert abs(d["nll_per_digit"] - np.log(MODEL["vocab_size"])) < 1.0
+  assert abs(d["nll_per_number_token"] - np.log(MODEL["vocab_size"])) < 1.0
   assert 0.0 < d["share_of_nats"] < 1.0
-  assert res["derived_digits_given_thought"]["count"] == d["count"]
+  assert res["derived_tokens_given_thought"]["count"] == d["count"]
   # Stories longer than a row are left out and counted, not cut.
   longest = max(len(tok.encode(t)) for t in texts)
   short = headroom.measure(fn, params, tok, texts, row_len=longest, rows=4)

@@ -5,11 +5,13 @@ r"""Where a run's nats go on the built-in corpus, and how much a right thought c
 For every finished run of an EM workdir, scores the first `--docs` validation stories sentence
 by sentence and reports, per token of raw text:
   nll_per_token           -log p(sentence | BOS, earlier sentences), averaged over all tokens
-  derived_digits          the digits of derived quantities (the numbers the text states without
-                          the working, e.g. "47" in "Now she has 47 marbles."): their count, NLL
-                          per digit and share of all nats — the most a thought could remove
-  derived_digits_given_thought
-                          NLL per derived digit when the oracle working is placed before the
+  derived_tokens          the tokens that spell derived quantities (the numbers the text states
+                          without the working, e.g. "47" in "Now she has 47 marbles."; one token
+                          per digit, or one per number when the tokenizer keeps numbers whole):
+                          their count, NLL per token and share of all nats — the most a thought
+                          could remove
+  derived_tokens_given_thought
+                          NLL per derived-number token when the oracle working is placed before the
                           sentence in prior form (`... SoL PRIOR z EoL sentence`): how much the
                           run *uses* a right thought (thought-trained runs; the working's own
                           cost is not counted)
@@ -34,12 +36,12 @@ OUTPUT = "headroom.json"
 
 @dataclasses.dataclass(frozen=True)
 class Sentence:
-  """One sentence of a story: the ids before it, its own ids, where its derived digits are."""
+  """One sentence of a story: the ids before it, its own ids, where its derived numbers are."""
   prefix: str                   # the earlier sentences
   text: str                     # the sentence
   context: list[int]            # BOS + ids of `prefix`
   target: list[int]             # the sentence's tokens
-  digits: list[int]             # positions in `target` of derived-quantity digits
+  numbers: list[int]            # positions in `target` of derived-number tokens
   thought: str | None           # the oracle working (None: nothing derived, or not recoverable)
 
 
@@ -51,17 +53,21 @@ def _tail(tokenizer, context_text: str, text: str, context: list[int]) -> list[i
   return ids[n:] if ids[:n] == context[1:] else None
 
 
-def _digit_positions(tokenizer, target: list[int], values: Sequence[int]) -> list[int]:
-  """Positions of the digits of each value, written as a whole number in `target`."""
+def _number_positions(tokenizer, target: list[int], values: Sequence[int]) -> list[int]:
+  """Positions of the tokens that spell each value as a whole number in `target` (one token per
+  digit with a digit-splitting tokenizer; one token when the number is a piece of its own)."""
   pieces = [tokenizer.id_to_piece(t).lstrip("\u2581") for t in target]
   out = []
   for v in values:
-    digits = list(str(v))
-    for j in range(len(pieces) - len(digits) + 1):
-      before_ok = j == 0 or not pieces[j - 1].isdigit()
-      after_ok = j + len(digits) == len(pieces) or not pieces[j + len(digits)].isdigit()
-      if pieces[j:j + len(digits)] == digits and before_ok and after_ok:
-        out.extend(range(j, j + len(digits)))
+    want = str(v)
+    for j in range(len(pieces)):
+      if j and pieces[j - 1].isdigit():
+        continue
+      text, k = "", j
+      while k < len(pieces) and pieces[k].isdigit() and len(text) < len(want):
+        text, k = text + pieces[k], k + 1
+      if text == want and (k == len(pieces) or not pieces[k].isdigit()):
+        out.extend(range(j, k))
         break
   return out
 
@@ -81,8 +87,8 @@ def story_sentences(tokenizer, text: str) -> tuple[list[Sentence], int]:
       skipped += 1
     else:
       values = [f.nums[0] for f in fs if f.kind in mathcorpus.DERIVED] if thought else []
-      digits = _digit_positions(tokenizer, target, values)
-      out.append(Sentence(prefix, s, context, target, digits, thought))
+      numbers = _number_positions(tokenizer, target, values)
+      out.append(Sentence(prefix, s, context, target, numbers, thought))
     prefix += s
   return out, skipped
 
@@ -91,8 +97,8 @@ def story_sentences(tokenizer, text: str) -> tuple[list[Sentence], int]:
 class Pairs:
   """What `score` scores for a set of stories, built once and shared by every run."""
   sentences: list[tuple[list[int], list[int]]]   # (context, sentence) per sentence
-  digits: list[tuple[list[int], list[int]]]      # (context + sentence so far, [derived digit])
-  digits_given_thought: list[tuple[list[int], list[int]]]  # the same after the oracle working
+  numbers: list[tuple[list[int], list[int]]]     # (context + sentence so far, [number token])
+  tokens_given_thought: list[tuple[list[int], list[int]]]  # the same after the oracle working
   docs: int
   docs_too_long: int
   sentences_skipped: int
@@ -108,15 +114,15 @@ def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
     s, k = story_sentences(tokenizer, text)
     sentences += s
     skipped += k
-  # One pair per derived digit: the sentence up to that digit, then the digit.
+  # One pair per derived-number token: the sentence up to that token, then the token.
   plain, given = [], []
   for s in sentences:
-    if not s.digits:
+    if not s.numbers:
       continue
     thought_ctx_text = s.prefix + formats.SOL + formats.PRIOR + s.thought + formats.EOL
     thought_ctx = [tokenizer.bos_id] + tokenizer.encode(thought_ctx_text)
     same = _tail(tokenizer, thought_ctx_text, s.text, thought_ctx) == s.target
-    for j in s.digits:
+    for j in s.numbers:
       plain.append((s.context + s.target[:j], [s.target[j]]))
       if same and len(thought_ctx) + j <= row_len:  # fits one row
         given.append((thought_ctx + s.target[:j], [s.target[j]]))
@@ -128,7 +134,7 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
   """The module docstring's numbers for one model."""
   run = lambda ps: (scoring.score(logprob_fn, params, ps, row_len, rows_per_batch=rows)
                     if ps else np.zeros(0))
-  total, digit_lp, given_lp = run(p.sentences), run(p.digits), run(p.digits_given_thought)
+  total, number_lp, given_lp = run(p.sentences), run(p.numbers), run(p.tokens_given_thought)
   tokens = sum(len(t) for _, t in p.sentences)
   nats = -float(total.sum())
   mean_nll = lambda lp: -float(lp.mean()) if lp.size else float("nan")
@@ -136,11 +142,11 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
       "docs": p.docs, "docs_too_long": p.docs_too_long, "sentences": len(p.sentences),
       "sentences_skipped": p.sentences_skipped,
       "tokens": tokens, "nll_per_token": nats / max(tokens, 1),
-      "derived_digits": {
-          "count": len(p.digits), "nll_per_digit": mean_nll(digit_lp),
-          "share_of_nats": -float(digit_lp.sum()) / nats if nats else float("nan")},
-      "derived_digits_given_thought": {
-          "count": len(p.digits_given_thought), "nll_per_digit": mean_nll(given_lp)},
+      "derived_tokens": {
+          "count": len(p.numbers), "nll_per_number_token": mean_nll(number_lp),
+          "share_of_nats": -float(number_lp.sum()) / nats if nats else float("nan")},
+      "derived_tokens_given_thought": {
+          "count": len(p.tokens_given_thought), "nll_per_number_token": mean_nll(given_lp)},
   }
 
 
@@ -185,12 +191,12 @@ def run(config, workdir: str, docs: int = 120) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-  lines = ["| run | NLL/token | derived digits | NLL/digit | share of nats | NLL/digit given "
-           "oracle thought |", "|---|---|---|---|---|---|"]
+  lines = ["| run | NLL/token | derived-number tokens | NLL/number token | share of nats | "
+           "NLL/number token given oracle thought |", "|---|---|---|---|---|---|"]
   for name, r in results.items():
-    d, g = r["derived_digits"], r["derived_digits_given_thought"]
-    lines.append(f"| {name} | {r['nll_per_token']:.3f} | {d['count']} | {d['nll_per_digit']:.2f}"
-                 f" | {100 * d['share_of_nats']:.1f}% | {g['nll_per_digit']:.2f} |")
+    d, g = r["derived_tokens"], r["derived_tokens_given_thought"]
+    lines.append(f"| {name} | {r['nll_per_token']:.3f} | {d['count']} | {d['nll_per_number_token']:.2f}"
+                 f" | {100 * d['share_of_nats']:.1f}% | {g['nll_per_number_token']:.2f} |")
   return "\n".join(lines)
 
 
