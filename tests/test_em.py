@@ -119,7 +119,8 @@ def _fake_results(acc):
         "train": {"train_tokens": 100, "raw_tokens": 50, "steps": 2, "thought_trained": thought},
         "eval": {"accuracy": {"mathcorpus": a / 2}, "latent_accuracy":
                  ({"mathcorpus": a} if thought else {}), "nll_per_token": 1.0 + a,
-                 "elbo_per_token": {"1": -2.0, "2": -1.9, "4": -1.8} if thought else {}}}
+                 "elbo_per_token": {"1": -2.0, "2": -1.9, "4": -1.8} if thought else {},
+                 "constant_answer_accuracy": 0.15}}
   return report.collect(runs)
 
 
@@ -135,6 +136,7 @@ def test_report_schema_table_plots_and_aggregate(tmp_path):
     assert json.load(f)["runs"]["em_iter_1"]["elbo_per_token"]["4"] == -1.8
   table = (tmp_path / "results.md").read_text()
   assert "| em_iter_1 | 20.0 | 40.0 | 1.400 | -2.000 | -1.900 | -1.800 | 100 | 50 |" in table
+  assert "Always giving the most common gold answer scores 15.0% accuracy." in table
   for png in ("accuracy.png", "iterations.png"):
     assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"
   agg = report.aggregate([res, _fake_results({"warmstart": 0.4, "raw_token_matched": 0.3,

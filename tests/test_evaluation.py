@@ -1,6 +1,7 @@
 """Evaluation tests: few-shot prompts on real GSM8K / MATH records, answer scoring with known
 generations, greedy decoding vs a plain forward loop, latent-token banning, validation NLL vs
 a per-document forward, validation ELBO vs the engine's log-weights, and the eval job."""
+import collections
 import dataclasses
 import functools
 import json
@@ -195,6 +196,26 @@ def test_latent_generations_answer_after_eol(assets, monkeypatch):
   ids = tok.latent_ids
   assert all(p[-2:] == [ids[formats.SOL], ids[formats.PRIOR]] for p in seen[0][0])
   assert not set(ids.values()) & set(seen[0][1]["banned_ids"])
+
+
+def test_a_constant_answer_is_flagged_with_its_accuracy(assets, monkeypatch):
+  """One answer to every question scores the share of questions with that gold answer: the
+  result reports how many different answers were given and the best constant's accuracy."""
+  _, tok, cfg, params, splits = assets
+  examples = _examples(splits, "eval")[:12]
+  golds = collections.Counter(e.answer for e in examples)
+  modal = golds.most_common(1)[0][0]
+  texts = [f" The answer is {modal}."] * len(examples)
+  monkeypatch.setattr(fewshot, "generate", _fake_generate(tok, texts, []))
+  res = fewshot.evaluate_fewshot(cfg, params, tok, examples, "mathcorpus", exemplars=[],
+                                 latent=False, max_gen_len=8, batch_size=4, max_seq_len=100000)
+  assert res["distinct_preds"] == 1
+  assert res["accuracy"] == res["constant_answer_accuracy"] == golds[modal] / len(examples)
+  texts = [f" The answer is {e.answer}." for e in examples]
+  monkeypatch.setattr(fewshot, "generate", _fake_generate(tok, texts, []))
+  res = fewshot.evaluate_fewshot(cfg, params, tok, examples, "mathcorpus", exemplars=[],
+                                 latent=False, max_gen_len=8, batch_size=4, max_seq_len=100000)
+  assert res["accuracy"] == 1.0 and res["distinct_preds"] == len(golds)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -9,6 +9,8 @@ results.json: {"runs": {NAME: {"accuracy", "latent_accuracy", "nll_per_token",
   (a lower bound on log p(x) per token; thought-trained runs only).
 - train_tokens: tokens trained on (steps x batch x seq_len); raw_tokens: tokens of the distinct
   raw documents in the run's training data.
+- constant_answer_accuracy: the accuracy of always giving the most common gold answer of the
+  first task (the same for every run): accuracies near it carry no evidence.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ def collect(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "steps": train["steps"],
         "thought_trained": train["thought_trained"],
         "samples": ev.get("samples", []),
+        "constant_answer_accuracy": ev.get("constant_answer_accuracy"),
     }
     arith = run.get("thought_arithmetic")
     if arith is not None:
@@ -73,6 +76,10 @@ def table(results: dict[str, Any]) -> str:
     if arith:
       row.append(_fmt(r.get("thought_arithmetic"), True))
     lines.append("| " + " | ".join(row) + " |")
+  constant = {r.get("constant_answer_accuracy") for r in results["runs"].values()} - {None}
+  if len(constant) == 1:
+    lines.append(f"\nAlways giving the most common gold answer scores "
+                 f"{_fmt(constant.pop(), True)}% accuracy.")
   return "\n".join(lines)
 
 

@@ -412,7 +412,10 @@ def evaluate_fewshot(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
   "truncated" (prompts that lost exemplars), "question_truncated", "no_answer" (no extractable
   answer), "no_eol" (latent variant: thought never closed), "hit_max_gen_len" (stopped by the
   length limit before any separator: the answer may be cut short), "mean_gen_tokens",
-  "per_subject" / "per_level" (MATH: {key: {"accuracy", "n"}}), "samples"}.
+  "distinct_preds" (different answers given: 1 means the same answer to every question),
+  "constant_answer_accuracy" (the accuracy of always giving the most common gold answer: the
+  level below which accuracy says nothing), "per_subject" / "per_level" (MATH: {key:
+  {"accuracy", "n"}}), "samples"}.
   """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
@@ -427,13 +430,14 @@ def evaluate_fewshot(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
                   batch_size=batch_size, max_seq_len=max_seq_len, pad_id=tokenizer.pad_id,
                   banned_ids=banned_ids_for(tokenizer, model_cfg, latent), stop_ids=stop,
                   mesh=mesh, rules=rules, progress=progress) if examples else []
-  correct, samples = [], []
+  correct, samples, preds = [], [], set()
   no_answer = no_eol = hit_max = gen_tokens = 0
   for ex, prompt, (ids, stopped) in zip(examples, prompts, gens):
     text = tokenizer.decode(ids)
     ans, has_eol, reached = answer_text(text, task, latent)
     pred, ok = score_answer(task, ans, ex.answer)
     correct.append(ok)
+    preds.add(pred)
     no_answer += pred is None
     no_eol += latent and not has_eol
     hit_max += not stopped and not reached
@@ -452,6 +456,10 @@ def evaluate_fewshot(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
       "question_truncated": sum(p.question_cut for p in prompts),
       "no_answer": no_answer, "no_eol": no_eol, "hit_max_gen_len": hit_max,
       "mean_gen_tokens": gen_tokens / n if n else float("nan"),
+      "distinct_preds": len(preds - {None}),
+      "constant_answer_accuracy": (
+          max(collections.Counter(ex.answer for ex in examples).values()) / n
+          if n else float("nan")),
       "samples": samples,
   }
   if task == "math":

@@ -184,8 +184,9 @@ def run(config, workdir: str) -> dict[str, Any]:
         results["per_subject"][name] = res["per_subject"]
       results["samples"].extend(res.pop("samples"))
       results["details"]["fewshot"][name] = res
-      logging.info("eval %s: accuracy %.4f (%d / %d)", name, res["accuracy"], res["correct"],
-                   res["n"])
+      logging.info("eval %s: accuracy %.4f (%d / %d; %d different answers; always giving the "
+                   "most common gold answer scores %.4f)", name, res["accuracy"], res["correct"],
+                   res["n"], res["distinct_preds"], res["constant_answer_accuracy"])
 
   if cfg.nll_files:
     texts, stats = read_docs(config, cfg.nll_files, cfg, workdir, "config.eval.nll_files")
