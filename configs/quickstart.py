@@ -83,9 +83,9 @@ def get_config(arg=None):
   config.estep.selection = "resample"
   config.estep.max_seq_len = 256
   config.estep.sampling.max_gen_len = 40
-  # A sharper proposal than the model itself: at temperature 0.5 the warm start's sampled thoughts
-  # get ~45% of their equations right, at 1.0 ~14% (log q is the tempered proposal's, so the
-  # importance weights and ELBO_k stay exact).
+  # A sharper proposal than the model itself: the warm start's thoughts get 34% of their equations
+  # right at temperature 0.5 (K = 1, 3 seeds) and 14% at 1.0 (K = 4, one seed, 6-epoch warm start).
+  # log q is the tempered proposal's, so the importance weights and ELBO_k stay exact.
   config.estep.sampling.temperature = 0.5
   config.estep.batch_chunks = 32
   config.estep.score_rows = 32
