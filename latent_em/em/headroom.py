@@ -195,8 +195,9 @@ def table(results: dict[str, Any]) -> str:
            "NLL/number token given oracle thought |", "|---|---|---|---|---|---|"]
   for name, r in results.items():
     d, g = r["derived_tokens"], r["derived_tokens_given_thought"]
-    lines.append(f"| {name} | {r['nll_per_token']:.3f} | {d['count']} | {d['nll_per_number_token']:.2f}"
-                 f" | {100 * d['share_of_nats']:.1f}% | {g['nll_per_number_token']:.2f} |")
+    lines.append(f"| {name} | {r['nll_per_token']:.3f} | {d['count']} "
+                 f"| {d['nll_per_number_token']:.2f} | {100 * d['share_of_nats']:.1f}% "
+                 f"| {g['nll_per_number_token']:.2f} |")
   return "\n".join(lines)
 
 

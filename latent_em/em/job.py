@@ -144,7 +144,8 @@ class Experiment:
 
   def _record_raw_tokens(self, record_globs: tuple[str, ...]) -> int:
     from latent_em.data import records  # pylint: disable=g-import-not-at-top
-    return sum(len(self.tokenizer.encode(r.text)) + 1 for r in records.read_records(list(record_globs)))
+    return sum(len(self.tokenizer.encode(r.text)) + 1
+               for r in records.read_records(list(record_globs)))
 
   def _thought_arithmetic(self, name: str, record_globs: tuple[str, ...]) -> None:
     """On the built-in corpus: the share of right equations in the thoughts run `name` was
