@@ -120,7 +120,7 @@ def _fake_results(acc):
         "eval": {"accuracy": {"mathcorpus": a / 2}, "latent_accuracy":
                  ({"mathcorpus": a} if thought else {}), "nll_per_token": 1.0 + a,
                  "elbo_per_token": {"1": -2.0, "2": -1.9, "4": -1.8} if thought else {},
-                 "constant_answer_accuracy": 0.15}}
+                 "constant_answer_accuracy": {"mathcorpus": 0.15}}}
   return report.collect(runs)
 
 

@@ -427,6 +427,10 @@ def test_eval_job_writes_results(assets, tmp_path):
   assert set(results["accuracy"]) == set(results["latent_accuracy"]) == {"mathcorpus", "gsm8k",
                                                                          "math"}
   assert all(0.0 <= a <= 1.0 for a in results["accuracy"].values())
+  # The constant-answer level per task equals the one the few-shot details report.
+  assert results["constant_answer_accuracy"] == {
+      t: results["details"]["fewshot"][t]["constant_answer_accuracy"]
+      for t in ("mathcorpus", "gsm8k", "math")}
   assert set(results["elbo_per_token"]) == {"1", "2", "4"}
   assert all(v < 0 for v in results["elbo_per_token"].values())
   assert results["nll_per_token"] > 0 and set(results["per_subject"]) == {"math", "math:latent"}

@@ -98,7 +98,7 @@ class Pairs:
   """What `score` scores for a set of stories, built once and shared by every run."""
   sentences: list[tuple[list[int], list[int]]]   # (context, sentence) per sentence
   numbers: list[tuple[list[int], list[int]]]     # (context + sentence so far, [number token])
-  tokens_given_thought: list[tuple[list[int], list[int]]]  # the same after the oracle working
+  numbers_given_thought: list[tuple[list[int], list[int]]]  # the same after the oracle working
   docs: int
   docs_too_long: int
   sentences_skipped: int
@@ -134,7 +134,7 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
   """The module docstring's numbers for one model."""
   run = lambda ps: (scoring.score(logprob_fn, params, ps, row_len, rows_per_batch=rows)
                     if ps else np.zeros(0))
-  total, number_lp, given_lp = run(p.sentences), run(p.numbers), run(p.tokens_given_thought)
+  total, number_lp, given_lp = run(p.sentences), run(p.numbers), run(p.numbers_given_thought)
   tokens = sum(len(t) for _, t in p.sentences)
   nats = -float(total.sum())
   mean_nll = lambda lp: -float(lp.mean()) if lp.size else float("nan")
@@ -146,7 +146,7 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
           "count": len(p.numbers), "nll_per_number_token": mean_nll(number_lp),
           "share_of_nats": -float(number_lp.sum()) / nats if nats else float("nan")},
       "derived_tokens_given_thought": {
-          "count": len(p.tokens_given_thought), "nll_per_number_token": mean_nll(given_lp)},
+          "count": len(p.numbers_given_thought), "nll_per_number_token": mean_nll(given_lp)},
   }
 
 

@@ -259,12 +259,8 @@ class Experiment:
                                "eval.nll_files": self.files["validation"],
                                "eval.elbo_files": elbo_files, "eval.max_docs": 0})
       res = jobs.run(c, directory)
-      out = {k: res[k] for k in ("accuracy", "latent_accuracy", "nll_per_token",
-                                 "elbo_per_token")}
-      # The accuracy a constant answer gets on the first task: below it, accuracy means nothing.
-      fewshot = list(res["details"]["fewshot"].values())
-      out["constant_answer_accuracy"] = (fewshot[0]["constant_answer_accuracy"]
-                                         if fewshot else None)
+      out = {k: res[k] for k in ("accuracy", "latent_accuracy", "constant_answer_accuracy",
+                                 "nll_per_token", "elbo_per_token")}
       out["samples"] = res.get("samples", [])[:4]
       return out
 

@@ -47,7 +47,7 @@ def collect(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "steps": train["steps"],
         "thought_trained": train["thought_trained"],
         "samples": ev.get("samples", []),
-        "constant_answer_accuracy": ev.get("constant_answer_accuracy"),
+        "constant_answer_accuracy": _first(ev.get("constant_answer_accuracy")),
     }
     arith = run.get("thought_arithmetic")
     if arith is not None:

@@ -6,6 +6,9 @@
 Writes WORKDIR/eval/results.json (atomically):
   accuracy         {task: accuracy} of the raw variant (latent tokens banned)
   latent_accuracy  {task: accuracy} of the latent variant (prompt ends with SoL PRIOR)
+  constant_answer_accuracy
+                   {task: accuracy of always giving the most common gold answer}: the level
+                   below which accuracy carries no evidence
   per_subject      {"math": {subject: {"accuracy", "n"}}, "math:latent": ...}
   nll_per_token    on config.eval.nll_files (null when none)
   elbo_per_token   {"1": ..., "2": ..., "4": ...} on config.eval.elbo_files ({} when none)
@@ -166,7 +169,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   corpus_dir = ""
   if "mathcorpus" in fs.tasks and not fs.mathcorpus_dir:
     corpus_dir = os.path.dirname(runtime.builtin_corpus(config, workdir)["eval"])
-  results: dict[str, Any] = {"accuracy": {}, "latent_accuracy": {}, "per_subject": {},
+  results: dict[str, Any] = {"accuracy": {}, "latent_accuracy": {},
+                             "constant_answer_accuracy": {}, "per_subject": {},
                              "nll_per_token": None, "elbo_per_token": {}, "samples": [],
                              "details": {"init_from": cfg.init_from, "latent_mode": fs.latent,
                                          "variants": why, "fewshot": {}}}
@@ -180,6 +184,7 @@ def run(config, workdir: str) -> dict[str, Any]:
             max_gen_len=fs.max_gen_len, batch_size=fs.batch_size, max_seq_len=max_seq_len,
             keep_samples=fs.keep_samples, mesh=mesh, rules=rules, progress=pbar.update)
       results["latent_accuracy" if latent else "accuracy"][task] = res["accuracy"]
+      results["constant_answer_accuracy"][task] = res["constant_answer_accuracy"]
       if "per_subject" in res:
         results["per_subject"][name] = res["per_subject"]
       results["samples"].extend(res.pop("samples"))
