@@ -194,7 +194,8 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   assert "stage 'estep/iter_1'" in proc.stderr and "changed: config" in proc.stderr
 
 
-@pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=8"])
+@pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=8",
+                                     "large_warmstart,ablate_k"])
 def test_quickstart_variants_validate(variant):
   import importlib.util
   from conftest import REPO
@@ -205,8 +206,10 @@ def test_quickstart_variants_validate(variant):
   config = mod.get_config(variant)
   runtime.validate(config)
   assert config.job == "em" and config.em.iterations >= 2
-  k = {"ablate_k": 1, "seed=2,k=8": 8}.get(variant, 4)
+  k = {"ablate_k": 1, "seed=2,k=8": 8, "large_warmstart,ablate_k": 1}.get(variant, 4)
   assert config.estep.num_samples == k
+  warmstart = {"large_warmstart,ablate_k": (1200, 8.0), "smoke": (40, 1.0)}.get(variant, (300, 10.0))
+  assert (config.corpus.n_warmstart, config.em.warmstart_epochs) == warmstart
   # Teacher and E-step cut documents the same way.
   for key in ("unit", "min_units", "avg_units", "max_units"):
     assert config.synthesis.chunking[key] == config.estep.chunking[key]

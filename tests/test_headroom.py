@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from latent_em import model, tokenizer
+from latent_em import formats, model, tokenizer
 from latent_em.data import mathcorpus
 from latent_em.em import headroom
 from latent_em.sampling import scoring
@@ -79,6 +79,22 @@ def test_measure_adds_up_to_one_forward_over_each_story(assets):
   assert abs(d["nll_per_number_token"] - np.log(MODEL["vocab_size"])) < 1.0
   assert 0.0 < d["share_of_nats"] < 1.0
   assert res["derived_tokens_given_thought"]["count"] == d["count"]
+  # The oracle layout adds up to one forward over each laid-out story (working included).
+  o = res["oracle_layout"]
+  laid_out = []
+  for t in texts:
+    sentences = mathcorpus.split_sentences(t)
+    laid_out.append("".join(
+        (formats.prior_chunk(z, "") if z else "") + s
+        for s, z in zip(sentences, mathcorpus.sentence_thoughts(sentences))))
+  whole_laid = scoring.score(fn, params, [([tok.bos_id], tok.encode(t)) for t in laid_out], 512,
+                             rows_per_batch=4)
+  assert o["docs"] == len(texts) and o["tokens"] == res["tokens"]
+  assert o["thought_tokens"] == sum(len(tok.encode(t)) for t in laid_out) - o["tokens"] > 0
+  np.testing.assert_allclose(o["joint_per_token"] * o["tokens"], -whole_laid.sum(), rtol=1e-4)
+  np.testing.assert_allclose(o["nll_per_token"] + o["thought_nats_per_token"],
+                             o["joint_per_token"], rtol=1e-6)
+  np.testing.assert_allclose(o["nll_per_token_without"], res["nll_per_token"], rtol=1e-6)
   # Stories longer than a row are left out and counted, not cut.
   longest = max(len(tok.encode(t)) for t in texts)
   short = headroom.measure(fn, params, tok, texts, row_len=longest, rows=4)

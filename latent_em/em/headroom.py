@@ -15,6 +15,14 @@ by sentence and reports, per token of raw text:
                           sentence in prior form (`... SoL PRIOR z EoL sentence`): how much the
                           run *uses* a right thought (thought-trained runs; the working's own
                           cost is not counted)
+  oracle_layout           every story laid out as in training, the oracle working before each
+                          sentence that states a derived number (prior form, `SoL PRIOR z EoL`):
+                          nll_per_token (its raw tokens, the working given free),
+                          nll_per_token_without (the same stories without any working),
+                          thought_nats_per_token (the working's own nats, per raw token) and
+                          joint_per_token = -log p(x, z*) per raw token, the negative ELBO of a
+                          posterior that always proposes the oracle working z* (log q(z*) = 0):
+                          the best ELBO_k a perfect E-step could give this model
 Writes WORKDIR/headroom.json (atomically) and prints a table.
 """
 from __future__ import annotations
@@ -99,14 +107,41 @@ class Pairs:
   sentences: list[tuple[list[int], list[int]]]   # (context, sentence) per sentence
   numbers: list[tuple[list[int], list[int]]]     # (context + sentence so far, [number token])
   numbers_given_thought: list[tuple[list[int], list[int]]]  # the same after the oracle working
+  layout_text: list[tuple[list[int], list[int]]]      # oracle layout: each sentence after the
+  layout_thoughts: list[tuple[list[int], list[int]]]  # story so far; each working likewise
+  in_layout: list[bool]                               # per sentence: its story is laid out
+  layout_docs: int
   docs: int
   docs_too_long: int
   sentences_skipped: int
 
 
+def oracle_layout(tokenizer, sentences: Sequence[Sentence], row_len: int
+                  ) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
+  """(sentence pairs, working pairs) of one story laid out with its oracle working in prior
+  form, each scored after everything before it; ([], []) if the layout does not fit one row or
+  tokenizes differently across a boundary."""
+  text_pairs, thought_pairs = [], []
+  layout = ""
+  context = [tokenizer.bos_id]
+  for s in sentences:
+    segments = [(s.text, text_pairs)]
+    if s.thought:
+      segments.insert(0, (formats.prior_chunk(s.thought, ""), thought_pairs))
+    for segment, out in segments:
+      target = _tail(tokenizer, layout, segment, context)
+      if not target or len(context) + len(target) > row_len:
+        return [], []
+      out.append((context, target))
+      layout += segment
+      context = context + target
+  return text_pairs, thought_pairs
+
+
 def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
   """The scoring pairs of `texts`; stories longer than a row are counted and left out."""
   sentences, skipped, too_long = [], 0, 0
+  layout_text, layout_thoughts, in_layout, laid_out = [], [], [], 0
   for text in texts:
     if 1 + len(tokenizer.encode(text)) > row_len:
       too_long += 1   # scored only whole, from BOS, like the validation NLL: no room to do so
@@ -114,6 +149,11 @@ def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
     s, k = story_sentences(tokenizer, text)
     sentences += s
     skipped += k
+    lt, lz = oracle_layout(tokenizer, s, row_len) if not k else ([], [])
+    layout_text += lt
+    layout_thoughts += lz
+    in_layout += [bool(lt)] * len(s)
+    laid_out += bool(lt)
   # One pair per derived-number token: the sentence up to that token, then the token.
   plain, given = [], []
   for s in sentences:
@@ -126,7 +166,8 @@ def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
       plain.append((s.context + s.target[:j], [s.target[j]]))
       if same and len(thought_ctx) + j <= row_len:  # fits one row
         given.append((thought_ctx + s.target[:j], [s.target[j]]))
-  return Pairs([(s.context, s.target) for s in sentences], plain, given,
+  return Pairs([(s.context, s.target) for s in sentences], plain, given, layout_text,
+               layout_thoughts, in_layout, laid_out,
                len(texts) - too_long, too_long, skipped)
 
 
@@ -135,9 +176,13 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
   run = lambda ps: (scoring.score(logprob_fn, params, ps, row_len, rows_per_batch=rows)
                     if ps else np.zeros(0))
   total, number_lp, given_lp = run(p.sentences), run(p.numbers), run(p.numbers_given_thought)
+  text_lp, thought_lp = run(p.layout_text), run(p.layout_thoughts)
   tokens = sum(len(t) for _, t in p.sentences)
   nats = -float(total.sum())
   mean_nll = lambda lp: -float(lp.mean()) if lp.size else float("nan")
+  layout_tokens = sum(len(t) for _, t in p.layout_text)
+  per_token = lambda x: x / layout_tokens if layout_tokens else float("nan")
+  without = -float(total[np.asarray(p.in_layout, bool)].sum()) if total.size else 0.0
   return {
       "docs": p.docs, "docs_too_long": p.docs_too_long, "sentences": len(p.sentences),
       "sentences_skipped": p.sentences_skipped,
@@ -147,6 +192,14 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
           "share_of_nats": -float(number_lp.sum()) / nats if nats else float("nan")},
       "derived_tokens_given_thought": {
           "count": len(p.numbers_given_thought), "nll_per_number_token": mean_nll(given_lp)},
+      "oracle_layout": {
+          "docs": p.layout_docs,
+          "tokens": layout_tokens,
+          "thought_tokens": sum(len(t) for _, t in p.layout_thoughts),
+          "nll_per_token": per_token(-float(text_lp.sum())),
+          "nll_per_token_without": per_token(without),
+          "thought_nats_per_token": per_token(-float(thought_lp.sum())),
+          "joint_per_token": per_token(-float(text_lp.sum()) - float(thought_lp.sum()))},
   }
 
 
@@ -192,12 +245,16 @@ def run(config, workdir: str, docs: int = 120) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> str:
   lines = ["| run | NLL/token | derived-number tokens | NLL/number token | share of nats | "
-           "NLL/number token given oracle thought |", "|---|---|---|---|---|---|"]
+           "NLL/number token given oracle thought | oracle layout: NLL/token without / with "
+           "working | working nats/token | -log p(x, z*)/token |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for name, r in results.items():
-    d, g = r["derived_tokens"], r["derived_tokens_given_thought"]
+    d, g, o = r["derived_tokens"], r["derived_tokens_given_thought"], r["oracle_layout"]
     lines.append(f"| {name} | {r['nll_per_token']:.3f} | {d['count']} "
                  f"| {d['nll_per_number_token']:.2f} | {100 * d['share_of_nats']:.1f}% "
-                 f"| {g['nll_per_number_token']:.2f} |")
+                 f"| {g['nll_per_number_token']:.2f} "
+                 f"| {o['nll_per_token_without']:.3f} / {o['nll_per_token']:.3f} "
+                 f"| {o['thought_nats_per_token']:.3f} | {o['joint_per_token']:.3f} |")
   return "\n".join(lines)
 
 
