@@ -20,9 +20,10 @@ by sentence and reports, per token of raw text:
                           nll_per_token (its raw tokens, the working given free),
                           nll_per_token_without (the same stories without any working),
                           thought_nats_per_token (the working's own nats, per raw token) and
-                          joint_per_token = -log p(x, z*) per raw token, the negative ELBO of a
-                          posterior that always proposes the oracle working z* (log q(z*) = 0):
-                          the best ELBO_k a perfect E-step could give this model
+                          joint_per_token = -log p(x, z*) per raw token: the negative ELBO of a
+                          posterior that always proposes the oracle working z* (log q(z*) = 0),
+                          sentence by sentence with every earlier working in context (the
+                          E-step's chunks hold ~2 sentences and may find cheaper thoughts)
 Writes WORKDIR/headroom.json (atomically) and prints a table.
 """
 from __future__ import annotations
