@@ -184,7 +184,11 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   assert runs["warmstart"]["thought_arithmetic"] == 1.0
   want = mathcorpus.thought_arithmetic(c.thought for r in recs for c in r.chunks)["fraction"]
   assert runs["em_iter_1"]["thought_arithmetic"] == want
+  want = mathcorpus.thought_explains([(c.suffix, c.thought) for c in r.chunks] for r in recs)
+  assert runs["em_iter_1"]["thought_explains"] == want["fraction"]
+  assert runs["warmstart"]["thought_explains"] > 0.5
   assert "thought_arithmetic" not in runs["raw_token_matched"]
+  assert "thought_explains" not in runs["raw_token_matched"]
   proc = run_main(args, timeout=600)
   again = proc.stdout + proc.stderr
   assert again.count("skipping") >= 12 and "] starting" not in again

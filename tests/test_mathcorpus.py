@@ -171,6 +171,28 @@ def test_thought_arithmetic_scores_equations(docs):
   assert mc.thought_arithmetic(["no working here"])["fraction"] is None
 
 
+def test_thought_explains_counts_chunks_whose_thought_computes_their_numbers(docs):
+  """The oracle's working explains every chunk that states a derived number; the working of
+  another chunk (right arithmetic, wrong quantities) explains almost none."""
+  chunked = []
+  for doc in docs[:100]:
+    chunks = ["".join(doc.sentences[i:i + 2]) for i in range(0, len(doc.sentences), 2)]
+    chunked.append([(c, mc.oracle_thought("".join(chunks[:k]), c))
+                    for k, c in enumerate(chunks)])
+  oracle = mc.thought_explains(chunked)
+  assert oracle["chunks"] > 200 and oracle["fraction"] == 1.0 and oracle["unaligned_docs"] == 0
+  assert mc.thought_arithmetic(t for doc in chunked for _, t in doc)["fraction"] == 1.0
+  shifted = [[(c, doc[k - 1][1]) for k, (c, _) in enumerate(doc)] for doc in chunked]
+  assert mc.thought_arithmetic(t for doc in shifted for _, t in doc)["fraction"] == 1.0
+  assert mc.thought_explains(shifted)["fraction"] < 0.2
+  none = mc.thought_explains([[(c, None) for c, _ in doc] for doc in chunked])
+  assert none["chunks"] == oracle["chunks"] and none["explained"] == 0
+  # A chunk cut inside a sentence: that document is counted, not scored.
+  text = "".join(docs[0].sentences)
+  cut = mc.thought_explains([[(text[:7], None), (text[7:], None)]])
+  assert (cut["unaligned_docs"], cut["chunks"], cut["fraction"]) == (1, 0, None)
+
+
 def test_text_is_compressed_and_the_thought_supplies_the_working(docs):
   """Each derived number is absent from everything written before it, and the thought computes
   it with equations whose operands all come from earlier text or earlier working."""

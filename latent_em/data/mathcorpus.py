@@ -584,6 +584,35 @@ def thought_arithmetic(thoughts: Iterable[str | None]) -> dict[str, Any]:
           "fraction": correct / total if total else None}
 
 
+def thought_explains(documents: Iterable[Sequence[tuple[str, str | None]]]) -> dict[str, Any]:
+  """How many chunks that state derived numbers have a thought that computes them.
+
+  `documents`: per document, its chunks in order as (text, thought); the texts joined give the
+  document. A chunk counts when its sentences state at least one derived number, and is
+  explained when each of those numbers is the result ("= c") of an equation in its thought. The
+  oracle teacher scores 1.0; right arithmetic about other quantities (thought_arithmetic) does
+  not count here. Documents whose chunks do not end at sentence ends are left out and counted.
+  """
+  chunks = explained = unaligned = 0
+  for doc in documents:
+    sentences = split_sentences("".join(text for text, _ in doc))
+    per_chunk = [len(split_sentences(text)) for text, _ in doc]
+    if sum(per_chunk) != len(sentences):
+      unaligned += 1
+      continue
+    derived = derived_numbers(sentences)
+    start = 0
+    for (_, thought), n in zip(doc, per_chunk):
+      wanted = {v for v in derived[start:start + n] if v is not None}
+      start += n
+      if wanted:
+        results = {int(c) for *_, c in _ANY_EQUATION.findall(thought or "")}
+        chunks += 1
+        explained += wanted <= results
+  return {"chunks": chunks, "explained": explained, "unaligned_docs": unaligned,
+          "fraction": explained / chunks if chunks else None}
+
+
 # ---------------------------------------------------------------------------------- generation
 
 _NUMBER = re.compile(r"\d+")

@@ -147,14 +147,18 @@ class Experiment:
     return sum(len(self.tokenizer.encode(r.text)) + 1
                for r in records.read_records(list(record_globs)))
 
-  def _thought_arithmetic(self, name: str, record_globs: tuple[str, ...]) -> None:
-    """On the built-in corpus: the share of right equations in the thoughts run `name` was
-    trained on (mathcorpus.thought_arithmetic; reported next to its metrics)."""
+  def _thought_quality(self, name: str, record_globs: tuple[str, ...]) -> None:
+    """On the built-in corpus: how good the thoughts run `name` was trained on are (reported
+    next to its metrics): the share of right equations (mathcorpus.thought_arithmetic) and of
+    chunks whose thought computes the derived numbers they state (mathcorpus.thought_explains)."""
     if not self.builtin_corpus:
       return
     from latent_em.data import mathcorpus, records  # pylint: disable=g-import-not-at-top
-    thoughts = (c.thought for r in records.read_records(list(record_globs)) for c in r.chunks)
-    self.runs[name]["thought_arithmetic"] = mathcorpus.thought_arithmetic(thoughts)
+    docs = [[(c.suffix, c.thought) for c in r.chunks]
+            for r in records.read_records(list(record_globs))]
+    self.runs[name]["thought_arithmetic"] = mathcorpus.thought_arithmetic(
+        t for doc in docs for _, t in doc)
+    self.runs[name]["thought_explains"] = mathcorpus.thought_explains(docs)
 
   def _epoch_tokens(self, raw_files: tuple[str, ...], record_files: tuple[str, ...],
                     fmt: str) -> int:
@@ -321,7 +325,7 @@ class Experiment:
     teacher = self.teacher()
     self._train_run("warmstart", record_files=teacher, epochs=cfg.warmstart_epochs,
                     thought_trained=True, raw_tokens=self._record_raw_tokens(teacher))
-    self._thought_arithmetic("warmstart", teacher)
+    self._thought_quality("warmstart", teacher)
     self._eval_run("warmstart")
     all_raw_tokens = self._raw_tokens(raw_all)
     if "raw_token_matched" in cfg.baselines:
@@ -335,7 +339,7 @@ class Experiment:
       name = f"em_iter_{t}"
       self._train_run(name, record_files=record_files, epochs=cfg.mstep_epochs,
                       thought_trained=True, raw_tokens=self._record_raw_tokens(record_files))
-      self._thought_arithmetic(name, (thoughts,))  # the E-step's thoughts, not the teacher's
+      self._thought_quality(name, (thoughts,))  # the E-step's thoughts, not the teacher's
       self._eval_run(name)
       previous = self.stages.path(f"runs/{name}/train")
       if t == 1:

@@ -11,6 +11,9 @@ results.json: {"runs": {NAME: {"accuracy", "latent_accuracy", "nll_per_token",
   raw documents in the run's training data.
 - constant_answer_accuracy: the accuracy of always giving the most common gold answer of the
   first task (the same for every run): accuracies near it carry no evidence.
+- thought_arithmetic, thought_explains (built-in corpus, thought-trained runs): the share of
+  right equations in the thoughts the run was trained on, and of chunks whose thought computes
+  the derived numbers the chunk states (data/mathcorpus.py).
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from latent_em import io_utils
 
 RESULTS = "results.json"
 TABLE = "results.md"
+# Thought quality on the built-in corpus (em/job.py), as column headers.
+THOUGHT_QUALITY = {"thought_arithmetic": "thought arith. %",
+                   "thought_explains": "thought explains %"}
 
 
 def _first(d: dict[str, float] | None) -> float | None:
@@ -49,9 +55,9 @@ def collect(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "samples": ev.get("samples", []),
         "constant_answer_accuracy": _first(ev.get("constant_answer_accuracy")),
     }
-    arith = run.get("thought_arithmetic")
-    if arith is not None:
-      out[name]["thought_arithmetic"] = arith["fraction"]
+    for key in THOUGHT_QUALITY:
+      if run.get(key) is not None:
+        out[name][key] = run[key]["fraction"]
   return {"runs": out}
 
 
@@ -64,17 +70,16 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 def table(results: dict[str, Any]) -> str:
   """A markdown table of one experiment's runs."""
   ks = sorted({k for r in results["runs"].values() for k in r["elbo_per_token"]}, key=int)
-  arith = any("thought_arithmetic" in r for r in results["runs"].values())
+  quality = [k for k in THOUGHT_QUALITY if any(k in r for r in results["runs"].values())]
   head = (["run", "accuracy %", "latent acc. %", "NLL/token"] + [f"ELBO_{k}/token" for k in ks]
-          + ["train tokens", "raw tokens"] + (["thought arith. %"] if arith else []))
+          + ["train tokens", "raw tokens"] + [THOUGHT_QUALITY[k] for k in quality])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results["runs"].items():
     row = [name, _fmt(r["accuracy"], True), _fmt(r["latent_accuracy"], True),
            _fmt(r["nll_per_token"])]
     row += [_fmt(r["elbo_per_token"].get(k)) for k in ks]
     row += [f"{r['train_tokens']:,}", f"{r['raw_tokens']:,}"]
-    if arith:
-      row.append(_fmt(r.get("thought_arithmetic"), True))
+    row += [_fmt(r.get(k), True) for k in quality]
     lines.append("| " + " | ".join(row) + " |")
   constant = {r.get("constant_answer_accuracy") for r in results["runs"].values()} - {None}
   if len(constant) == 1:
@@ -177,7 +182,7 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str
   for res in results:
     for name, r in res["runs"].items():
       m = metrics.setdefault(name, {})
-      for key in ("accuracy", "latent_accuracy", "nll_per_token", "thought_arithmetic"):
+      for key in ("accuracy", "latent_accuracy", "nll_per_token", *THOUGHT_QUALITY):
         if r.get(key) is not None:
           m.setdefault(key, []).append(r[key])
       for k, v in (r.get("elbo_per_token") or {}).items():
@@ -193,8 +198,7 @@ def aggregate_table(agg: dict[str, dict[str, dict[str, float]]]) -> str:
   keys = ["accuracy", "latent_accuracy", "nll_per_token"]
   keys += sorted({k for m in agg.values() for k in m if k.startswith("elbo_")},
                  key=lambda k: int(k.split("_")[1]))
-  if any("thought_arithmetic" in m for m in agg.values()):
-    keys.append("thought_arithmetic")
+  keys += [k for k in THOUGHT_QUALITY if any(k in m for m in agg.values())]
   lines = ["| run | n | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 2)]
   for name, m in agg.items():
     n = max((v["n"] for v in m.values()), default=0)
@@ -202,7 +206,7 @@ def aggregate_table(agg: dict[str, dict[str, dict[str, float]]]) -> str:
     for k in keys:
       if k not in m:
         cells.append("-")
-      elif "accuracy" in k or k == "thought_arithmetic":
+      elif "accuracy" in k or k in THOUGHT_QUALITY:
         cells.append(f"{100 * m[k]['mean']:.1f} [{100 * m[k]['min']:.1f}, "
                      f"{100 * m[k]['max']:.1f}]")
       else:
