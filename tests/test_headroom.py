@@ -94,6 +94,19 @@ def test_measure_adds_up_to_one_forward_over_each_story(assets):
   np.testing.assert_allclose(o["joint_per_token"] * o["tokens"], -whole_laid.sum(), rtol=1e-4)
   np.testing.assert_allclose(o["nll_per_token"] + o["thought_nats_per_token"],
                              o["joint_per_token"], rtol=1e-6)
+  # The markers: an independent pass scores `SoL PRIOR` and `EoL` of every working alone.
+  ids = tok.latent_ids
+  markers = []
+  for t in laid_out:
+    row = [tok.bos_id] + tok.encode(t)
+    for i in range(1, len(row)):
+      if row[i] in (ids[formats.SOL], ids[formats.PRIOR], ids[formats.EOL]):
+        markers.append((row[:i], [row[i]]))
+  assert len(markers) == 3 * sum(t.count(formats.SOL) for t in laid_out) > 0
+  marker_lp = scoring.score(fn, params, markers, 512, rows_per_batch=4)
+  np.testing.assert_allclose(o["format_nats_per_token"] * o["tokens"], -marker_lp.sum(),
+                             rtol=1e-4)
+  assert 0 < o["format_nats_per_token"] < o["thought_nats_per_token"]
   np.testing.assert_allclose(o["nll_per_token_without"], res["nll_per_token"], rtol=1e-6)
   # Stories longer than a row are left out and counted, not cut.
   longest = max(len(tok.encode(t)) for t in texts)

@@ -19,7 +19,9 @@ by sentence and reports, per token of raw text:
                           sentence that states a derived number (prior form, `SoL PRIOR z EoL`):
                           nll_per_token (its raw tokens, the working given free),
                           nll_per_token_without (the same stories without any working),
-                          thought_nats_per_token (the working's own nats, per raw token) and
+                          thought_nats_per_token (the working's own nats, per raw token; of
+                          them format_nats_per_token are the format's markers SoL PRIOR ... EoL,
+                          which include the `random` format's prior / posterior coin) and
                           joint_per_token = -log p(x, z*) per raw token: the negative ELBO of a
                           posterior that always proposes the oracle working z* (log q(z*) = 0),
                           sentence by sentence with every earlier working in context (the
@@ -109,7 +111,8 @@ class Pairs:
   numbers: list[tuple[list[int], list[int]]]     # (context + sentence so far, [number token])
   numbers_given_thought: list[tuple[list[int], list[int]]]  # the same after the oracle working
   layout_text: list[tuple[list[int], list[int]]]      # oracle layout: each sentence after the
-  layout_thoughts: list[tuple[list[int], list[int]]]  # story so far; each working likewise
+  layout_thoughts: list[tuple[list[int], list[int]]]  # story so far; each working likewise,
+                                                      # as 3 pairs: `SoL PRIOR`, z, `EoL`
   in_layout: list[bool]                               # per sentence: its story is laid out
   layout_docs: int
   docs: int
@@ -133,7 +136,16 @@ def oracle_layout(tokenizer, sentences: Sequence[Sentence], row_len: int
       target = _tail(tokenizer, layout, segment, context)
       if not target or len(context) + len(target) > row_len:
         return [], []
-      out.append((context, target))
+      if out is thought_pairs:
+        # `SoL PRIOR` | z | `EoL`: the format's markers apart from the working itself.
+        ids, n = tokenizer.latent_ids, len(target)
+        if (n < 4 or target[:2] != [ids[formats.SOL], ids[formats.PRIOR]]
+            or target[-1] != ids[formats.EOL]):
+          return [], []
+        for a, b in ((0, 2), (2, n - 1), (n - 1, n)):
+          out.append((context + target[:a], target[a:b]))
+      else:
+        out.append((context, target))
       layout += segment
       context = context + target
   return text_pairs, thought_pairs
@@ -178,6 +190,7 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
                     if ps else np.zeros(0))
   total, number_lp, given_lp = run(p.sentences), run(p.numbers), run(p.numbers_given_thought)
   text_lp, thought_lp = run(p.layout_text), run(p.layout_thoughts)
+  marker_nats = -float(thought_lp[0::3].sum() + thought_lp[2::3].sum())  # see oracle_layout
   tokens = sum(len(t) for _, t in p.sentences)
   nats = -float(total.sum())
   mean_nll = lambda lp: -float(lp.mean()) if lp.size else float("nan")
@@ -200,6 +213,7 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
           "nll_per_token": per_token(-float(text_lp.sum())),
           "nll_per_token_without": per_token(without),
           "thought_nats_per_token": per_token(-float(thought_lp.sum())),
+          "format_nats_per_token": per_token(marker_nats),
           "joint_per_token": per_token(-float(text_lp.sum()) - float(thought_lp.sum()))},
   }
 
@@ -247,7 +261,7 @@ def run(config, workdir: str, docs: int = 120) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
   lines = ["| run | NLL/token | derived-number tokens | NLL/number token | share of nats | "
            "NLL/number token given oracle thought | oracle layout: NLL/token without / with "
-           "working | working nats/token | -log p(x, z*)/token |",
+           "working | working nats/token (of them format markers) | -log p(x, z*)/token |",
            "|---|---|---|---|---|---|---|---|---|"]
   for name, r in results.items():
     d, g, o = r["derived_tokens"], r["derived_tokens_given_thought"], r["oracle_layout"]
@@ -255,7 +269,8 @@ def table(results: dict[str, Any]) -> str:
                  f"| {d['nll_per_number_token']:.2f} | {100 * d['share_of_nats']:.1f}% "
                  f"| {g['nll_per_number_token']:.2f} "
                  f"| {o['nll_per_token_without']:.3f} / {o['nll_per_token']:.3f} "
-                 f"| {o['thought_nats_per_token']:.3f} | {o['joint_per_token']:.3f} |")
+                 f"| {o['thought_nats_per_token']:.3f} ({o['format_nats_per_token']:.3f}) "
+                 f"| {o['joint_per_token']:.3f} |")
   return "\n".join(lines)
 
 
