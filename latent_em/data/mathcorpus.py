@@ -585,13 +585,13 @@ def thought_arithmetic(thoughts: Iterable[str | None]) -> dict[str, Any]:
 
 
 def thought_explains(documents: Iterable[Sequence[tuple[str, str | None]]]) -> dict[str, Any]:
-  """How many chunks that state derived numbers have a thought that computes them.
+  """How many chunks that state derived numbers have a thought that arrives at them.
 
   `documents`: per document, its chunks in order as (text, thought); the texts joined give the
   document. A chunk counts when its sentences state at least one derived number, and is
-  explained when each of those numbers is the result ("= c") of an equation in its thought. The
-  oracle teacher scores 1.0; right arithmetic about other quantities (thought_arithmetic) does
-  not count here. Documents whose chunks do not end at sentence ends are left out and counted.
+  explained when each of those numbers is the result ("= c") of an equation in its thought,
+  whether or not that equation's arithmetic is right (thought_arithmetic scores the arithmetic).
+  The oracle teacher scores 1.0; right arithmetic about other quantities does not count here. Documents whose chunks do not end at sentence ends are left out and counted.
   """
   chunks = explained = unaligned = 0
   for doc in documents:

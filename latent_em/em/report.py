@@ -12,8 +12,9 @@ results.json: {"runs": {NAME: {"accuracy", "latent_accuracy", "nll_per_token",
 - constant_answer_accuracy: the accuracy of always giving the most common gold answer of the
   first task (the same for every run): accuracies near it carry no evidence.
 - thought_arithmetic, thought_explains (built-in corpus, thought-trained runs): the share of
-  right equations in the thoughts the run was trained on, and of chunks whose thought computes
-  the derived numbers the chunk states (data/mathcorpus.py).
+  right equations in the thoughts the run's own stage wrote (the teacher's for warmstart, the
+  E-step's for em_iter_t, which may also train on the teacher's), and of chunks whose thought
+  ends in the derived numbers the chunk states (data/mathcorpus.py).
 """
 from __future__ import annotations
 
