@@ -591,7 +591,8 @@ def thought_explains(documents: Iterable[Sequence[tuple[str, str | None]]]) -> d
   document. A chunk counts when its sentences state at least one derived number, and is
   explained when each of those numbers is the result ("= c") of an equation in its thought,
   whether or not that equation's arithmetic is right (thought_arithmetic scores the arithmetic).
-  The oracle teacher scores 1.0; right arithmetic about other quantities does not count here. Documents whose chunks do not end at sentence ends are left out and counted.
+  The oracle teacher scores 1.0; right arithmetic about other quantities does not count here.
+  Documents whose chunks do not end at sentence ends are left out and counted.
   """
   chunks = explained = unaligned = 0
   for doc in documents:

@@ -111,8 +111,8 @@ class Pairs:
   numbers: list[tuple[list[int], list[int]]]     # (context + sentence so far, [number token])
   numbers_given_thought: list[tuple[list[int], list[int]]]  # the same after the oracle working
   layout_text: list[tuple[list[int], list[int]]]      # oracle layout: each sentence after the
-  layout_thoughts: list[tuple[list[int], list[int]]]  # story so far; each working likewise,
-                                                      # as 3 pairs: `SoL PRIOR`, z, `EoL`
+  layout_thoughts: list[tuple[list[int], list[int]]]  # story so far; each working z likewise
+  layout_markers: list[tuple[list[int], list[int]]]   # and its `SoL PRIOR` and `EoL`
   in_layout: list[bool]                               # per sentence: its story is laid out
   layout_docs: int
   docs: int
@@ -120,41 +120,45 @@ class Pairs:
   sentences_skipped: int
 
 
+_PairList = list[tuple[list[int], list[int]]]
+
+
 def oracle_layout(tokenizer, sentences: Sequence[Sentence], row_len: int
-                  ) -> tuple[list[tuple[list[int], list[int]]], list[tuple[list[int], list[int]]]]:
-  """(sentence pairs, working pairs) of one story laid out with its oracle working in prior
-  form, each scored after everything before it; ([], []) if the layout does not fit one row or
-  tokenizes differently across a boundary."""
-  text_pairs, thought_pairs = [], []
+                  ) -> tuple[_PairList, _PairList, _PairList]:
+  """(sentence pairs, working pairs, marker pairs) of one story laid out with its oracle working
+  in prior form (`SoL PRIOR z EoL`: the markers `SoL PRIOR` and `EoL` apart from z), each scored
+  after everything before it; ([], [], []) if the layout does not fit one row or tokenizes
+  differently across a boundary."""
+  text_pairs, thought_pairs, marker_pairs = [], [], []
+  ids = tokenizer.latent_ids
+  head, tail = [ids[formats.SOL], ids[formats.PRIOR]], [ids[formats.EOL]]
   layout = ""
   context = [tokenizer.bos_id]
   for s in sentences:
-    segments = [(s.text, text_pairs)]
+    segments = [(s.text, False)]
     if s.thought:
-      segments.insert(0, (formats.prior_chunk(s.thought, ""), thought_pairs))
-    for segment, out in segments:
+      segments.insert(0, (formats.prior_chunk(s.thought, ""), True))
+    for segment, is_thought in segments:
       target = _tail(tokenizer, layout, segment, context)
       if not target or len(context) + len(target) > row_len:
-        return [], []
-      if out is thought_pairs:
-        # `SoL PRIOR` | z | `EoL`: the format's markers apart from the working itself.
-        ids, n = tokenizer.latent_ids, len(target)
-        if (n < 4 or target[:2] != [ids[formats.SOL], ids[formats.PRIOR]]
-            or target[-1] != ids[formats.EOL]):
-          return [], []
-        for a, b in ((0, 2), (2, n - 1), (n - 1, n)):
-          out.append((context + target[:a], target[a:b]))
+        return [], [], []
+      if not is_thought:
+        text_pairs.append((context, target))
       else:
-        out.append((context, target))
+        n = len(target)
+        if n < 4 or target[:2] != head or target[-1:] != tail:
+          return [], [], []
+        marker_pairs += [(context, head), (context + target[:n - 1], tail)]
+        thought_pairs.append((context + head, target[2:n - 1]))
       layout += segment
       context = context + target
-  return text_pairs, thought_pairs
+  return text_pairs, thought_pairs, marker_pairs
 
 
 def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
   """The scoring pairs of `texts`; stories longer than a row are counted and left out."""
   sentences, skipped, too_long = [], 0, 0
-  layout_text, layout_thoughts, in_layout, laid_out = [], [], [], 0
+  layout_text, layout_thoughts, layout_markers, in_layout, laid_out = [], [], [], [], 0
   for text in texts:
     if 1 + len(tokenizer.encode(text)) > row_len:
       too_long += 1   # scored only whole, from BOS, like the validation NLL: no room to do so
@@ -162,9 +166,10 @@ def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
     s, k = story_sentences(tokenizer, text)
     sentences += s
     skipped += k
-    lt, lz = oracle_layout(tokenizer, s, row_len) if not k else ([], [])
+    lt, lz, lm = oracle_layout(tokenizer, s, row_len) if not k else ([], [], [])
     layout_text += lt
     layout_thoughts += lz
+    layout_markers += lm
     in_layout += [bool(lt)] * len(s)
     laid_out += bool(lt)
   # One pair per derived-number token: the sentence up to that token, then the token.
@@ -180,7 +185,7 @@ def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
       if same and len(thought_ctx) + j <= row_len:  # fits one row
         given.append((thought_ctx + s.target[:j], [s.target[j]]))
   return Pairs([(s.context, s.target) for s in sentences], plain, given, layout_text,
-               layout_thoughts, in_layout, laid_out,
+               layout_thoughts, layout_markers, in_layout, laid_out,
                len(texts) - too_long, too_long, skipped)
 
 
@@ -189,8 +194,9 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
   run = lambda ps: (scoring.score(logprob_fn, params, ps, row_len, rows_per_batch=rows)
                     if ps else np.zeros(0))
   total, number_lp, given_lp = run(p.sentences), run(p.numbers), run(p.numbers_given_thought)
-  text_lp, thought_lp = run(p.layout_text), run(p.layout_thoughts)
-  marker_nats = -float(thought_lp[0::3].sum() + thought_lp[2::3].sum())  # see oracle_layout
+  text_lp = run(p.layout_text)
+  marker_nats = -float(run(p.layout_markers).sum())
+  thought_nats = -float(run(p.layout_thoughts).sum()) + marker_nats
   tokens = sum(len(t) for _, t in p.sentences)
   nats = -float(total.sum())
   mean_nll = lambda lp: -float(lp.mean()) if lp.size else float("nan")
@@ -209,12 +215,12 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
       "oracle_layout": {
           "docs": p.layout_docs,
           "tokens": layout_tokens,
-          "thought_tokens": sum(len(t) for _, t in p.layout_thoughts),
+          "thought_tokens": sum(len(t) for _, t in p.layout_thoughts + p.layout_markers),
           "nll_per_token": per_token(-float(text_lp.sum())),
           "nll_per_token_without": per_token(without),
-          "thought_nats_per_token": per_token(-float(thought_lp.sum())),
+          "thought_nats_per_token": per_token(thought_nats),
           "format_nats_per_token": per_token(marker_nats),
-          "joint_per_token": per_token(-float(text_lp.sum()) - float(thought_lp.sum()))},
+          "joint_per_token": per_token(-float(text_lp.sum()) + thought_nats)},
   }
 
 
