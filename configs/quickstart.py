@@ -17,6 +17,10 @@ Variants (after the colon, comma-separated):
   large_warmstart
              4x the warm-start stories (1,200) for 8 epochs: a warm start that reads its
              thoughts, whose E-step writes right working (about 19 minutes; README § Measured)
+  data_constrained
+             a third of the raw stories (100 warm-start + 100 bootstrap), each seen 30 times
+             in the warm start and 20 times in every M-step and raw baseline: the repeated-data
+             regime, where raw training overfits (about 17 minutes; README § Measured)
   smoke      a much smaller run for tests and notebooks (about a minute or two; not a result)
 """
 from latent_em import config_defaults
@@ -24,7 +28,7 @@ from latent_em import config_defaults
 
 def get_config(arg=None):
   arg = config_defaults.parse_arg(arg, ablate_k=False, k=4, seed=0, smoke=False,
-                                  large_warmstart=False)
+                                  large_warmstart=False, data_constrained=False)
   config = config_defaults.base()
   config.job = "em"
   config.seed = arg.seed
@@ -116,6 +120,11 @@ def get_config(arg=None):
   if arg.large_warmstart:
     config.corpus.n_warmstart = 1200
     config.em.warmstart_epochs = 8.0
+  if arg.data_constrained:
+    config.corpus.n_warmstart = 100
+    config.corpus.n_bootstrap = 100
+    config.em.warmstart_epochs = 30.0
+    config.em.mstep_epochs = 20.0
   if arg.smoke:
     config.corpus.n_warmstart = 40
     config.corpus.n_bootstrap = 40
