@@ -19,8 +19,9 @@ Variants (after the colon, comma-separated):
              thoughts, whose E-step writes right working (about 19 minutes; README § Measured)
   data_constrained
              a third of the raw stories (100 warm-start + 100 bootstrap), each seen 30 times
-             in the warm start and 20 times in every M-step and raw baseline: the repeated-data
-             regime, where raw training overfits (about 17 minutes; README § Measured)
+             in the warm start and 20 times in every M-step and in raw_token_matched (about 49
+             in raw_compute_matched): the repeated-data regime, where raw training overfits
+             (about 17 minutes; README § Measured)
   smoke      a much smaller run for tests and notebooks (about a minute or two; not a result)
 """
 from latent_em import config_defaults
