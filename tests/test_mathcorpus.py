@@ -414,3 +414,31 @@ def test_plain_stories_use_one_wording_and_keep_every_property():
       assert (number is None) == (thought is None)
       if number is not None:
         assert int(EQUATION.findall(thought)[-1][3]) == number
+
+
+@pytest.mark.parametrize("max_steps", [3, 4])
+def test_tally_stories_derive_only_multi_step_totals(max_steps):
+  cfg = mc.CorpusConfig(plain=True, tally=True, max_operand=10, max_value=30,
+                        max_steps=max_steps)
+  rng = random.Random(3)
+  docs = [mc.generate_document(rng, cfg) for _ in range(60)]
+  for doc in docs:
+    assert mc.parse_sentences(doc.sentences) == [tuple(r) for r in doc.facts], doc.text
+    kinds = [tuple(f.kind for f in row) for row in doc.facts]
+    # Per person: a starting value, max_steps - 1 or max_steps plain changes, the stated total.
+    assert kinds[0] == ("init",) and kinds[-1] == ("state",), doc.text
+    states = [i for i, k in enumerate(kinds) if k == ("state",)]
+    assert len(states) == 2 and kinds[states[0] + 1] == ("init",), doc.text
+    for start, end in ((0, states[0]), (states[0] + 1, states[1])):
+      assert set(kinds[start + 1:end]) == {("change",)}
+      assert max_steps - 1 <= end - start - 1 <= max_steps
+      who = doc.facts[start][0].who
+      assert {row[0].who for row in doc.facts[start:end + 1]} == {who}
+      # The working replays every change from the stated start to the stated total.
+      thought = doc.oracle_thoughts[end]
+      eqs = EQUATION.findall(thought)
+      assert len(eqs) == end - start - 1
+      assert int(eqs[0][0]) == doc.facts[start][0].nums[0]
+      assert int(eqs[-1][3]) == doc.facts[end][0].nums[0]
+      assert all(int(x) <= cfg.max_value for eq in eqs for x in eq[::2] + (eq[3],))
+    assert [t is None for t in doc.oracle_thoughts] == [k != ("state",) for k in kinds]

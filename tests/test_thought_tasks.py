@@ -287,6 +287,48 @@ def test_prior_fraction_is_one_half(env):
   assert stats.binomtest(prior, n_chunks, 0.5).pvalue > P_MIN
 
 
+def test_prior_rate_and_empty_thoughts(env):
+  tok, big, small = env["tok"], env["big"], env["small"]
+  # The TF path: prior form at `prior_rate`, the same documents as the Python reference.
+  task = tt.register_thought_task("test_tt_prior_rate", {"train": [env["big_path"]]},
+                                  tok.vocabulary, seed=SEED, prior_rate=0.9)
+  docs = _task_docs(task, num_epochs=2)
+  assert docs == [_reference(tok, rec, "random", e, prior_rate=0.9)
+                  for e in range(2) for rec in big]
+  prior = sum(_latent_count(d, tok, PRIOR) for d in docs)
+  n_chunks = 2 * sum(len(r.chunks) for r in big)
+  assert prior + sum(_latent_count(d, tok, POST) for d in docs) == n_chunks
+  assert stats.binomtest(prior, n_chunks, 0.9).pvalue > P_MIN
+  # A rate of 1/2 is the default layout; 1 and 0 are the prior and posterior forms.
+  flips = tt.coin_flips("d", 50, 0, SEED)
+  assert tt.coin_flips("d", 50, 0, SEED, 0.5) == flips
+  assert all(tt.coin_flips("d", 50, 0, SEED, 1.0)) and not any(tt.coin_flips("d", 50, 0, SEED, 0.0))
+  # Empty thoughts: the thoughtless chunk of `beta` gets `SoL PRIOR EoL x`, the rest as before.
+  beta = small[1]
+  assert tt.layout_document(beta, "prior_only", epoch=0, seed=0, empty_thoughts=True) == (
+      SOL + PRIOR + "x is a small number" + EOL + "Let x = 2. " +
+      SOL + PRIOR + EOL + "Then x² = 4. " +
+      SOL + PRIOR + "cube: 2·2·2" + EOL + "And x³ = 8; π≈3.14 stays. ")
+  assert tt.layout_document(beta, "pure", epoch=0, seed=0, empty_thoughts=True) == (
+      tt.layout_document(beta, "pure", epoch=0, seed=0))
+  task = tt.register_thought_task("test_tt_empty", {"train": [env["small_glob"]]},
+                                  tok.vocabulary, seed=SEED, empty_thoughts=True, prior_rate=0.7)
+  want = [_reference(tok, r, "random", 0, empty_thoughts=True, prior_rate=0.7) for r in small]
+  assert sorted(_task_docs(task)) == sorted(want)
+  # Token budgets count the same layout.
+  got = tt.thought_token_stats(env["small_glob"], tok, seed=SEED, empty_thoughts=True,
+                               prior_rate=0.7)
+  assert got["total_tokens"]["random"] == pipeline.count_tokens("test_tt_empty", "train")
+  assert got["total_tokens"]["random"] == sum(map(len, want))
+  # Config: the key and the fix.
+  with pytest.raises(config_lib.ConfigError, match=r"config\.mstep_data\.prior_rate"):
+    config_lib.from_config(tt.ThoughtDataConfig, {"prior_rate": 1.5}, "config.mstep_data")
+  with pytest.raises(config_lib.ConfigError, match=r"config\.mstep_data\.empty_thoughts"):
+    config_lib.from_config(tt.ThoughtDataConfig,
+                           {"empty_thoughts": True, "drop_thoughtless_chunks": True},
+                           "config.mstep_data")
+
+
 def test_mix_in_raw_ratio(env):
   tok, big, ratio = env["tok"], env["big"], 0.3
   task = tt.register_thought_task("test_tt_mix_raw", {"train": [env["big_path"]]},

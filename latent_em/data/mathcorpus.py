@@ -53,6 +53,10 @@ class CorpusConfig:
   # no side remarks or connectives. Less text that no thought explains, so a larger share of a
   # story's information is in its derived numbers.
   plain: bool = False
+  # Tally stories: each person's quantity changes several times (`max_steps` changes, or one
+  # fewer) before the story states it, so every derived number is a multi-step computation
+  # over numbers all written earlier; nothing else is derived.
+  tally: bool = False
 
   def __post_init__(self):
     key = "config.corpus"
@@ -736,8 +740,9 @@ class _Story:
     self._emit(self._template("mention"), [], name)
     return True
 
-  def event(self, name: str, with_state: bool = False) -> bool:
-    groups = self.cost[name] + 2 <= self.cfg.max_steps and self.rng.random() < 0.4
+  def event(self, name: str, with_state: bool = False, groups_ok: bool = True) -> bool:
+    groups = (groups_ok and self.cost[name] + 2 <= self.cfg.max_steps
+              and self.rng.random() < 0.4)
     if self.cost[name] + 1 + groups > self.cfg.max_steps:
       return False
     change = self._change(name, groups)
@@ -837,8 +842,23 @@ class _Story:
     return True
 
 
+def _build_tally(rng: random.Random, cfg: CorpusConfig) -> Document | None:
+  """One attempt at a tally story: per person, a starting value, changes, the stated result."""
+  st = _Story(rng, cfg)
+  for name in (st.p, st.q):
+    st.init(name)
+    for _ in range(rng.randint(cfg.max_steps - 1, cfg.max_steps)):
+      if not st.event(name, groups_ok=False):
+        return None
+    if not st.state(name):
+      return None
+  return _validated(st, cfg)
+
+
 def _build(rng: random.Random, cfg: CorpusConfig) -> Document | None:
   """One attempt at a story; None when it came out too short or breaks a corpus property."""
+  if cfg.tally:
+    return _build_tally(rng, cfg)
   st = _Story(rng, cfg)
   p, q = st.p, st.q
   target = rng.randint(4, 9)
@@ -873,7 +893,7 @@ def _build(rng: random.Random, cfg: CorpusConfig) -> Document | None:
 def _validated(st: _Story, cfg: CorpusConfig) -> Document | None:
   n = len(st.sentences)
   words = sum(len(s.split()) for s in st.sentences)
-  if not 4 <= n <= 10 or not 35 <= words <= 150:
+  if not 4 <= n <= (12 if cfg.tally else 10) or not 35 <= words <= 150:
     return None
   thoughts = _thoughts(st.facts)
   seen: set[int] = set()

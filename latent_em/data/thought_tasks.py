@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import seqio
@@ -53,6 +53,12 @@ class ThoughtDataConfig:
   mix_in_raw_ratio: float = 0.0     # fraction of documents sent through as raw text
   seed: int = 0                     # seeds coin flips and raw-document choice (not shuffling)
   drop_thoughtless_chunks: bool = False  # False: a chunk whose thought is None stays raw text
+  # Probability of the prior form per chunk in the `random` format (DESIGN.md §2: 1/2). After
+  # `SoL` the model pays -log p(PRIOR) for the form when an ELBO scores `SoL PRIOR z EoL X`.
+  prior_rate: float = 0.5
+  # True: a chunk whose thought is None gets the empty thought (`SoL PRIOR EoL x`), so a
+  # teacher's "nothing to think here" is learned as such, as the E-step writes it.
+  empty_thoughts: bool = False
 
   def __post_init__(self):
     config_lib.check(self.format in _FORMATS, "config.mstep_data.format",
@@ -61,6 +67,17 @@ class ThoughtDataConfig:
                      f"{self.thought_rate} must be in (0, 1]")
     config_lib.check(0.0 <= self.mix_in_raw_ratio <= 1.0, "config.mstep_data.mix_in_raw_ratio",
                      f"{self.mix_in_raw_ratio} must be in [0, 1]")
+    config_lib.check(0.0 <= self.prior_rate <= 1.0, "config.mstep_data.prior_rate",
+                     f"{self.prior_rate} must be in [0, 1]")
+    config_lib.check(not (self.empty_thoughts and self.drop_thoughtless_chunks),
+                     "config.mstep_data.empty_thoughts",
+                     "empty_thoughts and drop_thoughtless_chunks exclude each other: set one")
+
+  def layout_options(self) -> dict[str, Any]:
+    """The keyword arguments of `layout_document` (and `lay_out`) this config sets."""
+    return {"mix_in_raw_ratio": self.mix_in_raw_ratio,
+            "drop_thoughtless_chunks": self.drop_thoughtless_chunks,
+            "prior_rate": self.prior_rate, "empty_thoughts": self.empty_thoughts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,13 +90,14 @@ def _unit(kind: str, doc_id: str, epoch: int, seed: int, index: int) -> float:
   return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2.0**64
 
 
-def coin_flips(doc_id: str, n_chunks: int, epoch: int, seed: int) -> list[bool]:
-  """Per-chunk form for DocFormat.RANDOM: True = prior form, each with probability 1/2.
+def coin_flips(doc_id: str, n_chunks: int, epoch: int, seed: int,
+               prior_rate: float = 0.5) -> list[bool]:
+  """Per-chunk form for DocFormat.RANDOM: True = prior form, each with probability `prior_rate`.
 
   Chunk i's flip depends only on (doc_id, epoch, seed, i), so it does not change with the
   number of chunks, and flips are independent across chunks, epochs and seeds.
   """
-  return [_unit("flip", doc_id, epoch, seed, i) < 0.5 for i in range(n_chunks)]
+  return [_unit("flip", doc_id, epoch, seed, i) < prior_rate for i in range(n_chunks)]
 
 
 def use_raw(doc_id: str, epoch: int, seed: int, ratio: float) -> bool:
@@ -95,13 +113,16 @@ def layout_document(
     seed: int,
     mix_in_raw_ratio: float = 0.0,
     drop_thoughtless_chunks: bool = False,
+    prior_rate: float = 0.5,
+    empty_thoughts: bool = False,
 ) -> str:
   """The text a thought task trains on for one record in one epoch (no BOS/EOS).
 
   RAW, and documents picked by `use_raw`, give `rec.text`; PURE gives the record's thoughts
   joined; the other formats lay out each chunk's suffix with its thought (formats.document). A
-  chunk without a thought stays raw text, or is left out with `drop_thoughtless_chunks`.
-  An empty result (e.g. PURE with no thoughts) is not trained on.
+  chunk without a thought stays raw text, is left out with `drop_thoughtless_chunks`, or gets
+  the empty thought with `empty_thoughts`. RANDOM takes the prior form with probability
+  `prior_rate`. An empty result (e.g. PURE with no thoughts) is not trained on.
   """
   fmt = formats.DocFormat(fmt)
   if fmt == formats.DocFormat.RAW or (
@@ -109,8 +130,10 @@ def layout_document(
     return rec.text
   chunks = [c.suffix for c in rec.chunks]
   thoughts = [c.thought for c in rec.chunks]
+  if empty_thoughts and fmt != formats.DocFormat.PURE:
+    thoughts = ["" if t is None else t for t in thoughts]
   # Flips are drawn for every chunk position, so dropping a chunk does not shift the others'.
-  flips = coin_flips(rec.doc_id, len(chunks), epoch, seed)
+  flips = coin_flips(rec.doc_id, len(chunks), epoch, seed, prior_rate)
   if drop_thoughtless_chunks:
     keep = [t is not None for t in thoughts]
     chunks, thoughts, flips = ([v for v, k in zip(seq, keep) if k]
@@ -196,14 +219,15 @@ def count_epochs(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.scan(tf.constant(-1, tf.int64), step)
 
 
-def lay_out(dataset: tf.data.Dataset, *, fmt: str, seed: int, mix_in_raw_ratio: float,
-            drop_thoughtless_chunks: bool) -> tf.data.Dataset:
-  """{"record", "file", "index", "epoch"} -> {"targets": tf.string []}; empty layouts dropped."""
+def lay_out(dataset: tf.data.Dataset, *, fmt: str, seed: int,
+            **options: Any) -> tf.data.Dataset:
+  """{"record", "file", "index", "epoch"} -> {"targets": tf.string []}; empty layouts dropped.
+
+  `options`: the layout keyword arguments of `layout_document` (ThoughtDataConfig.layout_options).
+  """
   def text(serialized: bytes, file: bytes, index: np.int64, epoch: np.int64) -> bytes:
     rec = records.from_example(serialized, f"{file.decode()}: record {int(index)}")
-    return layout_document(rec, fmt, epoch=int(epoch), seed=seed,
-                           mix_in_raw_ratio=mix_in_raw_ratio,
-                           drop_thoughtless_chunks=drop_thoughtless_chunks).encode("utf-8")
+    return layout_document(rec, fmt, epoch=int(epoch), seed=seed, **options).encode("utf-8")
 
   def to_text(ex):
     out = tf.numpy_function(text, [ex["record"], ex["file"], ex["index"], ex["epoch"]],
@@ -223,6 +247,8 @@ def register_thought_task(
     mix_in_raw_ratio: float = 0.0,
     seed: int = 0,
     drop_thoughtless_chunks: bool = False,
+    prior_rate: float = 0.5,
+    empty_thoughts: bool = False,
     shuffle_buffer_size: int = 10000,
     config_keys: Optional[Mapping[str, str]] = None,
 ) -> seqio.Task:
@@ -234,8 +260,8 @@ def register_thought_task(
       find all n). Splits with no entries are left out.
     vocabulary: `Tokenizer.vocabulary` (encodes each latent token as one id); its EOS ends
       every document.
-    fmt, mix_in_raw_ratio, seed, drop_thoughtless_chunks: see ThoughtDataConfig and
-      `layout_document`.
+    fmt, mix_in_raw_ratio, seed, drop_thoughtless_chunks, prior_rate, empty_thoughts: see
+      ThoughtDataConfig and `layout_document`.
     shuffle_buffer_size: the example shuffle buffer used when the task is shuffled.
     config_keys: split -> the config key its files came from, used in error messages.
 
@@ -250,7 +276,8 @@ def register_thought_task(
                      f"(config.mstep_data.format)")
   cfg = ThoughtDataConfig(format=fmt,
                           mix_in_raw_ratio=float(mix_in_raw_ratio), seed=int(seed),
-                          drop_thoughtless_chunks=bool(drop_thoughtless_chunks))
+                          drop_thoughtless_chunks=bool(drop_thoughtless_chunks),
+                          prior_rate=float(prior_rate), empty_thoughts=bool(empty_thoughts))
   config_keys = dict(config_keys or {})
   split_files = {split: _expand_record_files(specs, config_keys.get(split, f"files[{split!r}]"))
                  for split, specs in record_files.items() if specs}
@@ -264,9 +291,7 @@ def register_thought_task(
       source=ThoughtRecordSource(split_files),
       preprocessors=[
           count_epochs,
-          functools.partial(lay_out, fmt=cfg.format, seed=cfg.seed,
-                            mix_in_raw_ratio=cfg.mix_in_raw_ratio,
-                            drop_thoughtless_chunks=cfg.drop_thoughtless_chunks),
+          functools.partial(lay_out, fmt=cfg.format, seed=cfg.seed, **cfg.layout_options()),
           functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
           seqio.preprocessors.append_eos,
           tasks.split_to_sequence_length,
@@ -280,9 +305,8 @@ def register_from_config(name: str, cfg: ThoughtDataConfig,
                          record_files: Mapping[str, Sequence[str]],
                          vocabulary: seqio.Vocabulary, **kwargs) -> seqio.Task:
   """register_thought_task with the layout settings of `config.mstep_data`."""
-  return register_thought_task(
-      name, record_files, vocabulary, fmt=cfg.format, mix_in_raw_ratio=cfg.mix_in_raw_ratio,
-      seed=cfg.seed, drop_thoughtless_chunks=cfg.drop_thoughtless_chunks, **kwargs)
+  return register_thought_task(name, record_files, vocabulary, fmt=cfg.format, seed=cfg.seed,
+                               **cfg.layout_options(), **kwargs)
 
 
 def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]]) -> seqio.Mixture:
@@ -309,14 +333,15 @@ def register_mixture(name: str, tasks_and_rates: Sequence[tuple[str, float]]) ->
 
 
 def thought_token_stats(record_files: str | Sequence[str], tokenizer, *, seed: int = 0,
-                        epoch: int = 0, drop_thoughtless_chunks: bool = False) -> dict:
+                        epoch: int = 0, **options: Any) -> dict:
   """Token counts of a record set, for deriving token budgets (one pass, Python tokenizer).
 
   Args:
     record_files: DocRecord TFRecord paths / globs.
     tokenizer: a latent_em.tokenizer.Tokenizer.
     seed, epoch: the coin flips used for the "random" count.
-    drop_thoughtless_chunks: as in layout_document.
+    options: layout keyword arguments of layout_document except mix_in_raw_ratio
+      (drop_thoughtless_chunks, prior_rate, empty_thoughts).
 
   Returns:
     {"documents", "chunks", "chunks_with_thought": counts,
@@ -339,8 +364,7 @@ def thought_token_stats(record_files: str | Sequence[str], tokenizer, *, seed: i
         stats["chunks_with_thought"] += 1
         stats["thought_tokens"] += len(tokenizer.encode(c.thought))
     for f in _FORMATS:
-      text = layout_document(rec, f, epoch=epoch, seed=seed,
-                             drop_thoughtless_chunks=drop_thoughtless_chunks)
+      text = layout_document(rec, f, epoch=epoch, seed=seed, **options)
       if text:
         totals[f] += len(tokenizer.encode(text)) + 1  # + EOS
   stats["total_tokens"] = totals

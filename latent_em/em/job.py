@@ -168,9 +168,10 @@ class Experiment:
     total = self._raw_tokens(raw_files) if raw_files else 0
     if record_files:
       md = runtime.section(self.config, "mstep_data")
-      stats = thought_tasks.thought_token_stats(
-          list(record_files), self.tokenizer, seed=md.seed,
-          drop_thoughtless_chunks=md.drop_thoughtless_chunks)
+      options = md.layout_options()
+      options.pop("mix_in_raw_ratio")
+      stats = thought_tasks.thought_token_stats(list(record_files), self.tokenizer,
+                                                seed=md.seed, **options)
       total += stats["total_tokens"][fmt]
     return total
 
