@@ -22,6 +22,11 @@ Variants (after the colon, comma-separated):
              in the warm start and 20 times in every M-step and in raw_token_matched (about 49
              in raw_compute_matched): the repeated-data regime, where raw training overfits
              (about 17 minutes; README § Measured)
+  tally      tally stories (per person a start, 3-4 changes of 2-4, then the total: every
+             derived number a 3-4 step sum) cut into one chunk per story, so one thought holds
+             the whole story's working and the E-step's prompt is the whole story (8-10
+             minutes with --config.em.iterations=1; README § Measured, "Variants measured and
+             not adopted")
   smoke      a much smaller run for tests and notebooks (about a minute or two; not a result)
 """
 from latent_em import config_defaults
@@ -29,7 +34,7 @@ from latent_em import config_defaults
 
 def get_config(arg=None):
   arg = config_defaults.parse_arg(arg, ablate_k=False, k=4, seed=0, smoke=False,
-                                  large_warmstart=False, data_constrained=False)
+                                  large_warmstart=False, data_constrained=False, tally=False)
   config = config_defaults.base()
   config.job = "em"
   config.seed = arg.seed
@@ -118,6 +123,16 @@ def get_config(arg=None):
   config.eval.nll_batch_size = 16
   config.eval.seed = arg.seed
 
+  if arg.tally:
+    config.corpus.tally = True
+    config.corpus.max_steps = 4
+    config.corpus.max_change = 4
+    # One chunk per story (at most 12 sentences): the thought is the whole working, written
+    # before the story in prior form; the E-step needs no prefix and writes ~67 tokens.
+    for section in (config.synthesis, config.estep):
+      section.chunking.min_units = section.chunking.avg_units = section.chunking.max_units = 12
+    config.estep.chunking.prefix_chunks = 0
+    config.estep.sampling.max_gen_len = 80
   if arg.large_warmstart:
     config.corpus.n_warmstart = 1200
     config.em.warmstart_epochs = 8.0

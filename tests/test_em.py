@@ -199,7 +199,8 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
 
 
 @pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=8",
-                                     "large_warmstart,ablate_k", "data_constrained"])
+                                     "large_warmstart,ablate_k", "data_constrained",
+                                     "tally,large_warmstart"])
 def test_quickstart_variants_validate(variant):
   import importlib.util
   from conftest import REPO
@@ -212,12 +213,16 @@ def test_quickstart_variants_validate(variant):
   assert config.job == "em" and config.em.iterations >= 2
   k = {"ablate_k": 1, "seed=2,k=8": 8, "large_warmstart,ablate_k": 1}.get(variant, 4)
   assert config.estep.num_samples == k
-  warmstart = {"large_warmstart,ablate_k": (1200, 8.0), "smoke": (40, 1.0),
+  warmstart = {"large_warmstart,ablate_k": (1200, 8.0), "tally,large_warmstart": (1200, 8.0),
+               "smoke": (40, 1.0),
                "data_constrained": (100, 30.0)}.get(variant, (300, 10.0))
   assert (config.corpus.n_warmstart, config.em.warmstart_epochs) == warmstart
   # Teacher and E-step cut documents the same way.
   for key in ("unit", "min_units", "avg_units", "max_units"):
     assert config.synthesis.chunking[key] == config.estep.chunking[key]
+  assert config.corpus.tally == (variant == "tally,large_warmstart")
+  if config.corpus.tally:  # one chunk per story: every tally story has at most 12 sentences
+    assert config.estep.chunking.min_units == 12 and config.estep.chunking.prefix_chunks == 0
 
 
 @pytest.mark.parametrize("variant", [None, "teacher", "warmstart", "estep", "mstep", "raw", "wrap",

@@ -108,6 +108,17 @@ def test_measure_adds_up_to_one_forward_over_each_story(assets):
                              rtol=1e-4)
   assert 0 < o["format_nats_per_token"] < o["thought_nats_per_token"]
   np.testing.assert_allclose(o["nll_per_token_without"], res["nll_per_token"], rtol=1e-6)
+  # The whole-story layout adds up to one forward over `SoL PRIOR z* EoL x` per story.
+  st = res["story_layout"]
+  story = [formats.prior_chunk(mathcorpus.oracle_thought("", t), t) for t in texts]
+  whole_story = scoring.score(fn, params, [([tok.bos_id], tok.encode(t)) for t in story], 512,
+                              rows_per_batch=4)
+  assert st["docs"] == len(texts) and st["tokens"] == res["tokens"]
+  assert st["thought_tokens"] == sum(len(tok.encode(t)) for t in story) - st["tokens"]
+  np.testing.assert_allclose(st["joint_per_token"] * st["tokens"], -whole_story.sum(),
+                             rtol=1e-4)
+  np.testing.assert_allclose(st["nll_per_token"] + st["thought_nats_per_token"],
+                             st["joint_per_token"], rtol=1e-6)
   # Stories longer than a row are left out and counted, not cut.
   longest = max(len(tok.encode(t)) for t in texts)
   short = headroom.measure(fn, params, tok, texts, row_len=longest, rows=4)

@@ -54,6 +54,8 @@ def test_config_rejects_bad_values_with_the_key():
     mc.CorpusConfig(n_bootstrap=-1)
   with pytest.raises(config_lib.ConfigError, match=r"config\.corpus\.max_operand"):
     mc.CorpusConfig(max_operand=120, max_value=99)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.corpus\.max_change"):
+    mc.CorpusConfig(max_operand=10, max_value=20, max_change=12)
   with pytest.raises(config_lib.ConfigError, match=r"did you mean config\.corpus\.n_eval"):
     mc.make_splits({"n_evals": 3})
   with pytest.raises(ValueError, match="not one of"):
@@ -416,12 +418,20 @@ def test_plain_stories_use_one_wording_and_keep_every_property():
         assert int(EQUATION.findall(thought)[-1][3]) == number
 
 
-@pytest.mark.parametrize("max_steps", [3, 4])
-def test_tally_stories_derive_only_multi_step_totals(max_steps):
+@pytest.mark.parametrize("max_steps,max_change", [(3, 0), (4, 0), (4, 4)])
+def test_tally_stories_derive_only_multi_step_totals(max_steps, max_change):
   cfg = mc.CorpusConfig(plain=True, tally=True, max_operand=10, max_value=30,
-                        max_steps=max_steps)
+                        max_steps=max_steps, max_change=max_change)
   rng = random.Random(3)
   docs = [mc.generate_document(rng, cfg) for _ in range(60)]
+  changes = [f.nums[0] for doc in docs for row in doc.facts for f in row if f.kind == "change"]
+  # Every change is within the cap, and the cap binds: without it, larger changes occur.
+  assert max(changes) == (max_change or 10) and min(changes) == 2
+  questions = [mc.generate_question(rng, cfg, "chain") for _ in range(40)]
+  # (A change by groups, "3 bags of 5", is a product: not capped.)
+  deltas = [int(eq[2]) for q in questions if "*" not in q["solution"]
+            for eq in EQUATION.findall(q["solution"])]
+  assert max(deltas) == (max_change or 10)
   for doc in docs:
     assert mc.parse_sentences(doc.sentences) == [tuple(r) for r in doc.facts], doc.text
     kinds = [tuple(f.kind for f in row) for row in doc.facts]

@@ -49,6 +49,9 @@ class CorpusConfig:
   max_steps: int = 3        # equations in the working of one derived quantity
   max_operand: int = 50     # largest given (stated) number
   max_value: int = 99       # largest value anywhere (given, intermediate or derived)
+  # Largest single change ("buys 3 more"; 0 = max_operand). Small changes make the one-step
+  # sums a small table to learn, while a total over several of them stays a multi-step sum.
+  max_change: int = 0
   # Plain stories: one wording per kind of sentence, present tense, names instead of pronouns,
   # no side remarks or connectives. Less text that no thought explains, so a larger share of a
   # story's information is in its derived numbers.
@@ -74,6 +77,15 @@ class CorpusConfig:
                      f"{self.max_value}")
     config_lib.check(20 <= self.max_value <= 999, f"{key}.max_value",
                      f"must be in [20, 999] (1-3 digit arithmetic), got {self.max_value}")
+    config_lib.check(self.max_change == 0 or 3 <= self.max_change <= self.max_operand,
+                     f"{key}.max_change",
+                     f"must be 0 (= max_operand) or in [3, max_operand={self.max_operand}], "
+                     f"got {self.max_change}")
+
+  @property
+  def change_cap(self) -> int:
+    """The largest single change."""
+    return self.max_change or self.max_operand
 
 
 @dataclasses.dataclass(frozen=True)
@@ -718,7 +730,7 @@ class _Story:
         nums = (rng.randint(2, 6), rng.randint(2, 9))
         delta = nums[0] * nums[1]
       else:
-        hi = min(cfg.max_operand, cfg.max_value - cur if op == "+" else cur - 2)
+        hi = min(cfg.change_cap, cfg.max_value - cur if op == "+" else cur - 2)
         if hi < 2:
           continue
         delta = rng.randint(2, hi)
@@ -965,7 +977,7 @@ def _question(rng: random.Random, cfg: CorpusConfig, kind: str) -> dict[str, Any
         g, s = rng.randint(2, 6), rng.randint(2, 9)
         delta = g * s
       else:
-        top = min(cfg.max_operand, cfg.max_value - cur if op == "+" else cur - 2)
+        top = min(cfg.change_cap, cfg.max_value - cur if op == "+" else cur - 2)
         if top < 2:
           return None
         delta = rng.randint(2, top)

@@ -26,6 +26,10 @@ by sentence and reports, per token of raw text:
                           posterior that always proposes the oracle working z* (log q(z*) = 0),
                           sentence by sentence with every earlier working in context (the
                           E-step's chunks hold ~2 sentences and may find cheaper thoughts)
+  story_layout            the whole story as one chunk, its whole oracle working first
+                          (`SoL PRIOR z* EoL x`, the layout of whole-story chunks):
+                          thought_nats_per_token (z* with its markers), nll_per_token (x given
+                          z*) and joint_per_token = -log p(x, z*) per raw token
 Writes WORKDIR/headroom.json (atomically) and prints a table.
 """
 from __future__ import annotations
@@ -115,6 +119,8 @@ class Pairs:
   layout_markers: list[tuple[list[int], list[int]]]   # and its `SoL PRIOR` and `EoL`
   in_layout: list[bool]                               # per sentence: its story is laid out
   layout_docs: int
+  story_thoughts: list[tuple[list[int], list[int]]]   # story layout: [BOS] -> SoL PRIOR z* EoL
+  story_text: list[tuple[list[int], list[int]]]       # and the story after it
   docs: int
   docs_too_long: int
   sentences_skipped: int
@@ -159,6 +165,7 @@ def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
   """The scoring pairs of `texts`; stories longer than a row are counted and left out."""
   sentences, skipped, too_long = [], 0, 0
   layout_text, layout_thoughts, layout_markers, in_layout, laid_out = [], [], [], [], 0
+  story_thoughts, story_text = [], []
   for text in texts:
     if 1 + len(tokenizer.encode(text)) > row_len:
       too_long += 1   # scored only whole, from BOS, like the validation NLL: no room to do so
@@ -172,6 +179,12 @@ def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
     layout_markers += lm
     in_layout += [bool(lt)] * len(s)
     laid_out += bool(lt)
+    z = mathcorpus.oracle_thought("", text)
+    head = [tokenizer.bos_id] + tokenizer.encode(formats.prior_chunk(z, "")) if z else []
+    tail = _tail(tokenizer, formats.prior_chunk(z, ""), text, head) if z else None
+    if tail and len(head) + len(tail) <= row_len:
+      story_thoughts.append(([tokenizer.bos_id], head[1:]))
+      story_text.append((head, tail))
   # One pair per derived-number token: the sentence up to that token, then the token.
   plain, given = [], []
   for s in sentences:
@@ -185,8 +198,8 @@ def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
       if same and len(thought_ctx) + j <= row_len:  # fits one row
         given.append((thought_ctx + s.target[:j], [s.target[j]]))
   return Pairs([(s.context, s.target) for s in sentences], plain, given, layout_text,
-               layout_thoughts, layout_markers, in_layout, laid_out,
-               len(texts) - too_long, too_long, skipped)
+               layout_thoughts, layout_markers, in_layout, laid_out, story_thoughts,
+               story_text, len(texts) - too_long, too_long, skipped)
 
 
 def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) -> dict[str, Any]:
@@ -203,6 +216,9 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
   layout_tokens = sum(len(t) for _, t in p.layout_text)
   per_token = lambda x: x / layout_tokens if layout_tokens else float("nan")
   without = -float(total[np.asarray(p.in_layout, bool)].sum()) if total.size else 0.0
+  story_z, story_x = -float(run(p.story_thoughts).sum()), -float(run(p.story_text).sum())
+  story_tokens = sum(len(t) for _, t in p.story_text)
+  per_story_token = lambda x: x / story_tokens if story_tokens else float("nan")
   return {
       "docs": p.docs, "docs_too_long": p.docs_too_long, "sentences": len(p.sentences),
       "sentences_skipped": p.sentences_skipped,
@@ -221,6 +237,12 @@ def score(logprob_fn, params: Any, p: Pairs, *, row_len: int, rows: int = 16) ->
           "thought_nats_per_token": per_token(thought_nats),
           "format_nats_per_token": per_token(marker_nats),
           "joint_per_token": per_token(-float(text_lp.sum()) + thought_nats)},
+      "story_layout": {
+          "docs": len(p.story_text), "tokens": story_tokens,
+          "thought_tokens": sum(len(t) for _, t in p.story_thoughts),
+          "nll_per_token": per_story_token(story_x),
+          "thought_nats_per_token": per_story_token(story_z),
+          "joint_per_token": per_story_token(story_z + story_x)},
   }
 
 
@@ -267,16 +289,20 @@ def run(config, workdir: str, docs: int = 120) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
   lines = ["| run | NLL/token | derived-number tokens | NLL/number token | share of nats | "
            "NLL/number token given oracle thought | oracle layout: NLL/token without / with "
-           "working | working nats/token (of them format markers) | -log p(x, z*)/token |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "working | working nats/token (of them format markers) | -log p(x, z*)/token | "
+           "whole story, z* first: working + text = -log p(x, z*) per token |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for name, r in results.items():
     d, g, o = r["derived_tokens"], r["derived_tokens_given_thought"], r["oracle_layout"]
+    st = r["story_layout"]
     lines.append(f"| {name} | {r['nll_per_token']:.3f} | {d['count']} "
                  f"| {d['nll_per_number_token']:.2f} | {100 * d['share_of_nats']:.1f}% "
                  f"| {g['nll_per_number_token']:.2f} "
                  f"| {o['nll_per_token_without']:.3f} / {o['nll_per_token']:.3f} "
                  f"| {o['thought_nats_per_token']:.3f} ({o['format_nats_per_token']:.3f}) "
-                 f"| {o['joint_per_token']:.3f} |")
+                 f"| {o['joint_per_token']:.3f} "
+                 f"| {st['thought_nats_per_token']:.3f} + {st['nll_per_token']:.3f} = "
+                 f"{st['joint_per_token']:.3f} |")
   return "\n".join(lines)
 
 
