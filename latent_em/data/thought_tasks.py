@@ -73,11 +73,15 @@ class ThoughtDataConfig:
                      "config.mstep_data.empty_thoughts",
                      "empty_thoughts and drop_thoughtless_chunks exclude each other: set one")
 
-  def layout_options(self) -> dict[str, Any]:
-    """The keyword arguments of `layout_document` (and `lay_out`) this config sets."""
-    return {"mix_in_raw_ratio": self.mix_in_raw_ratio,
-            "drop_thoughtless_chunks": self.drop_thoughtless_chunks,
+  def chunk_options(self) -> dict[str, Any]:
+    """How `layout_document` lays out each chunk: its keyword arguments this config sets, except
+    the per-document `mix_in_raw_ratio` (token counts are of the thought layout itself)."""
+    return {"drop_thoughtless_chunks": self.drop_thoughtless_chunks,
             "prior_rate": self.prior_rate, "empty_thoughts": self.empty_thoughts}
+
+  def layout_options(self) -> dict[str, Any]:
+    """Every keyword argument of `layout_document` (and `lay_out`) this config sets."""
+    return {"mix_in_raw_ratio": self.mix_in_raw_ratio, **self.chunk_options()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +344,8 @@ def thought_token_stats(record_files: str | Sequence[str], tokenizer, *, seed: i
     record_files: DocRecord TFRecord paths / globs.
     tokenizer: a latent_em.tokenizer.Tokenizer.
     seed, epoch: the coin flips used for the "random" count.
-    options: layout keyword arguments of layout_document except mix_in_raw_ratio
-      (drop_thoughtless_chunks, prior_rate, empty_thoughts).
+    options: the per-chunk layout keyword arguments of layout_document
+      (ThoughtDataConfig.chunk_options: drop_thoughtless_chunks, prior_rate, empty_thoughts).
 
   Returns:
     {"documents", "chunks", "chunks_with_thought": counts,

@@ -180,11 +180,13 @@ def pairs(tokenizer, texts: Sequence[str], row_len: int) -> Pairs:
     in_layout += [bool(lt)] * len(s)
     laid_out += bool(lt)
     z = mathcorpus.oracle_thought("", text)
-    head = [tokenizer.bos_id] + tokenizer.encode(formats.prior_chunk(z, "")) if z else []
-    tail = _tail(tokenizer, formats.prior_chunk(z, ""), text, head) if z else None
-    if tail and len(head) + len(tail) <= row_len:
-      story_thoughts.append(([tokenizer.bos_id], head[1:]))
-      story_text.append((head, tail))
+    if z:
+      thought = formats.prior_chunk(z, "")
+      context = [tokenizer.bos_id] + tokenizer.encode(thought)
+      tail = _tail(tokenizer, thought, text, context)
+      if tail and len(context) + len(tail) <= row_len:
+        story_thoughts.append((context[:1], context[1:]))
+        story_text.append((context, tail))
   # One pair per derived-number token: the sentence up to that token, then the token.
   plain, given = [], []
   for s in sentences:

@@ -168,10 +168,8 @@ class Experiment:
     total = self._raw_tokens(raw_files) if raw_files else 0
     if record_files:
       md = runtime.section(self.config, "mstep_data")
-      options = md.layout_options()
-      options.pop("mix_in_raw_ratio")
       stats = thought_tasks.thought_token_stats(list(record_files), self.tokenizer,
-                                                seed=md.seed, **options)
+                                                seed=md.seed, **md.chunk_options())
       total += stats["total_tokens"][fmt]
     return total
 
