@@ -137,6 +137,16 @@ def test_report_schema_table_plots_and_aggregate(tmp_path):
   table = (tmp_path / "results.md").read_text()
   assert "| em_iter_1 | 20.0 | 40.0 | 1.400 | -2.000 | -1.900 | -1.800 | 100 | 50 |" in table
   assert "Always giving the most common gold answer scores 15.0% accuracy." in table
+  # em_iter_1: NLL 1.4 and -ELBO_4 = 1.8 -> 1.4; raw_token_matched NLL 1.1; warm start 1.2.
+  assert "- warmstart 1.200: behind raw_token_matched (1.100) by 0.100" in table
+  assert "- em_iter_1 1.400: behind raw_token_matched (1.100) by 0.300" in table
+  assert report.best_bound({"nll_per_token": 1.4, "elbo_per_token": {"1": -1.5, "4": -1.3}}) == 1.3
+  two = _fake_results({"em_iter_1": 0.4, "em_iter_2": 0.3, "raw_compute_matched": 0.5})
+  assert report.comparisons(two) == [
+      "em_iter_2 1.300: ahead of raw_compute_matched (1.500) by 0.200"]
+  worse = _fake_results({"em_iter_1": 0.4, "em_iter_2": 0.6, "raw_compute_matched": 0.5})
+  assert report.aggregate_comparisons([two, worse]) == [
+      "em_iter_2 1.450: ahead of raw_compute_matched (1.500) by 0.050 (ahead in 1 of 2)"]
   for png in ("accuracy.png", "iterations.png"):
     assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"
   agg = report.aggregate([res, _fake_results({"warmstart": 0.4, "raw_token_matched": 0.3,

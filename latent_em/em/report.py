@@ -86,7 +86,70 @@ def table(results: dict[str, Any]) -> str:
   if len(constant) == 1:
     lines.append(f"\nAlways giving the most common gold answer scores "
                  f"{_fmt(constant.pop(), True)}% accuracy.")
+  verdicts = comparisons(results)
+  if verdicts:
+    lines.append("\nNats per validation token against the runs trained without thoughts (lower is "
+                 "better; a thought-trained run counts the least of its NLL and -ELBO_k, each an "
+                 "upper bound on its -log p(x); ELBO_k is measured on the first "
+                 "config.em.eval_elbo_docs validation documents):")
+    lines += [f"- {v}" for v in verdicts]
   return "\n".join(lines)
+
+
+def best_bound(run: dict[str, Any]) -> float | None:
+  """A thought-trained run's nats per token: the least of its NLL and every -ELBO_k."""
+  values = [-v for v in (run.get("elbo_per_token") or {}).values() if v is not None]
+  if run.get("nll_per_token") is not None:
+    values.append(run["nll_per_token"])
+  return min(values) if values else None
+
+
+def margins(results: dict[str, Any]) -> dict[str, tuple[float, dict[str, float]]]:
+  """{thought-trained run (warm start, last EM iteration): (its `best_bound`, {run trained
+  without thoughts: that run's NLL})}."""
+  runs = results["runs"]
+  raw = {n: r["nll_per_token"] for n, r in runs.items()
+         if not r.get("thought_trained") and r.get("nll_per_token") is not None}
+  iters = sorted((i, n) for n in runs if (i := _iteration(n)) is not None)
+  chosen = [n for i, n in iters if i == 0] + [n for i, n in iters[-1:] if i > 0]
+  out = {}
+  for name in chosen:
+    ours = best_bound(runs[name])
+    if ours is not None and raw:
+      out[name] = (ours, raw)
+  return out
+
+
+def _verdict(ours: float, other: str, nll: float) -> str:
+  return f"{'ahead of' if ours < nll else 'behind'} {other} ({nll:.3f}) by {abs(nll - ours):.3f}"
+
+
+def comparisons(results: dict[str, Any]) -> list[str]:
+  """One line per entry of `margins`: the run's nats per token, ahead of or behind each
+  baseline trained without thoughts, and by how much."""
+  return [f"{name} {ours:.3f}: " + "; ".join(_verdict(ours, o, nll) for o, nll in raw.items())
+          for name, (ours, raw) in margins(results).items()]
+
+
+def aggregate_comparisons(results: Sequence[dict[str, Any]]) -> list[str]:
+  """`comparisons` over several experiments (seeds): means, and on how many of them the
+  thought-trained run is ahead."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  per: dict[str, list[tuple[float, dict[str, float]]]] = {}
+  for res in results:
+    for name, m in margins(res).items():
+      per.setdefault(name, []).append(m)
+  out = []
+  for name, ms in per.items():
+    ours = float(np.mean([o for o, _ in ms]))
+    others = sorted(set.intersection(*(set(r) for _, r in ms)))
+    parts = []
+    for other in others:
+      nll = float(np.mean([r[other] for _, r in ms]))
+      ahead = sum(o < r[other] for o, r in ms)
+      parts.append(f"{_verdict(ours, other, nll)} (ahead in {ahead} of {len(ms)})")
+    out.append(f"{name} {ours:.3f}: " + "; ".join(parts))
+  return out
 
 
 def _iteration(name: str) -> int | None:
@@ -231,6 +294,11 @@ def main(argv: Sequence[str]) -> int:
     with open(path) as f:
       results.append(json.load(f))
   print(aggregate_table(aggregate(results)))
+  lines = aggregate_comparisons(results)
+  if lines:
+    print("\nMean nats per validation token against the runs trained without thoughts "
+          "(a thought-trained run counts the least of its NLL and -ELBO_k):")
+    print("\n".join(f"- {line}" for line in lines))
   return 0
 
 
