@@ -21,7 +21,8 @@ Variants (after the colon, comma-separated):
              a third of the raw stories (100 warm-start + 100 bootstrap), each seen 30 times
              in the warm start and 20 times in every M-step and in raw_token_matched (about 49
              in raw_compute_matched): the repeated-data regime, where raw training overfits
-             (about 17 minutes; README § Measured)
+             (about 17 minutes; README § Measured). With --config.em.mstep_epochs=30 both
+             EM iterations beat both raw baselines on every seed (about 29 minutes)
   tally      tally stories (per person a start, 3-4 changes of 2-4, then the total: every
              derived number a 3-4 step sum) cut into one chunk per story, so one thought holds
              the whole story's working and the E-step's prompt is the whole story (8-10
