@@ -88,11 +88,7 @@ def table(results: dict[str, Any]) -> str:
                  f"{_fmt(constant.pop(), True)}% accuracy.")
   verdicts = comparisons(results)
   if verdicts:
-    lines.append("\nNats per validation token against the runs trained without thoughts (lower is "
-                 "better; a thought-trained run counts the least of its NLL and -ELBO_k, each an "
-                 "upper bound on its -log p(x); ELBO_k is measured on the first "
-                 "config.em.eval_elbo_docs validation documents):")
-    lines += [f"- {v}" for v in verdicts]
+    lines += ["", COMPARISON_HEAD] + [f"- {v}" for v in verdicts]
   return "\n".join(lines)
 
 
@@ -120,20 +116,16 @@ def margins(results: dict[str, Any]) -> dict[str, tuple[float, dict[str, float]]
   return out
 
 
-def _verdict(ours: float, other: str, nll: float) -> str:
-  return f"{'ahead of' if ours < nll else 'behind'} {other} ({nll:.3f}) by {abs(nll - ours):.3f}"
-
-
-def comparisons(results: dict[str, Any]) -> list[str]:
-  """One line per entry of `margins`: the run's nats per token, ahead of or behind each
-  baseline trained without thoughts, and by how much."""
-  return [f"{name} {ours:.3f}: " + "; ".join(_verdict(ours, o, nll) for o, nll in raw.items())
-          for name, (ours, raw) in margins(results).items()]
+COMPARISON_HEAD = ("Nats per validation token against the runs trained without thoughts (lower "
+                   "is better; a thought-trained run counts the least of its NLL and -ELBO_k, "
+                   "each an upper bound on its -log p(x); ELBO_k is measured on the first "
+                   "config.em.eval_elbo_docs validation documents; over several workdirs, means):")
 
 
 def aggregate_comparisons(results: Sequence[dict[str, Any]]) -> list[str]:
-  """`comparisons` over several experiments (seeds): means, and on how many of them the
-  thought-trained run is ahead."""
+  """One line per entry of `margins` over one or more experiments (seeds): the run's mean nats
+  per token, ahead of or behind each baseline trained without thoughts, by how much, and (for
+  several experiments) in how many of them it is ahead."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   per: dict[str, list[tuple[float, dict[str, float]]]] = {}
   for res in results:
@@ -146,10 +138,18 @@ def aggregate_comparisons(results: Sequence[dict[str, Any]]) -> list[str]:
     parts = []
     for other in others:
       nll = float(np.mean([r[other] for _, r in ms]))
-      ahead = sum(o < r[other] for o, r in ms)
-      parts.append(f"{_verdict(ours, other, nll)} (ahead in {ahead} of {len(ms)})")
+      part = (f"{'ahead of' if ours < nll else 'behind'} {other} ({nll:.3f}) "
+              f"by {abs(nll - ours):.3f}")
+      if len(ms) > 1:
+        part += f" (ahead in {sum(o < r[other] for o, r in ms)} of {len(ms)})"
+      parts.append(part)
     out.append(f"{name} {ours:.3f}: " + "; ".join(parts))
   return out
+
+
+def comparisons(results: dict[str, Any]) -> list[str]:
+  """`aggregate_comparisons` of one experiment."""
+  return aggregate_comparisons([results])
 
 
 def _iteration(name: str) -> int | None:
@@ -296,9 +296,7 @@ def main(argv: Sequence[str]) -> int:
   print(aggregate_table(aggregate(results)))
   lines = aggregate_comparisons(results)
   if lines:
-    print("\nMean nats per validation token against the runs trained without thoughts "
-          "(a thought-trained run counts the least of its NLL and -ELBO_k):")
-    print("\n".join(f"- {line}" for line in lines))
+    print("\n".join(["", COMPARISON_HEAD] + [f"- {line}" for line in lines]))
   return 0
 
 
