@@ -1,4 +1,4 @@
-"""BoLT end to end on the built-in math corpus, sized for a 2-core laptop CPU (about 11 minutes).
+"""BoLT end to end on the built-in math corpus, sized for a 2-core laptop CPU (about 13 minutes).
 
   python -m latent_em.main --config=configs/quickstart.py --workdir=/tmp/bolt_quickstart
   python -m latent_em.main --config=configs/quickstart.py:ablate_k --workdir=/tmp/bolt_k1
@@ -16,18 +16,17 @@ Variants (after the colon, comma-separated):
   seed=N     the seed of the initialisation, data order and sampling (the corpus is fixed)
   large_warmstart
              4x the warm-start stories (1,200) for 8 epochs: a warm start that reads its
-             thoughts, whose E-step writes right working (about 19 minutes; README § Measured)
+             thoughts, whose E-step writes right working (README § Measured)
   data_constrained
              a third of the raw stories (100 warm-start + 100 bootstrap), each seen 30 times
              in the warm start and 20 times in every M-step and in raw_token_matched (about 49
              in raw_compute_matched): the repeated-data regime, where raw training overfits
-             (about 17 minutes; README § Measured). With --config.em.mstep_epochs=30 both
-             EM iterations beat both raw baselines on every seed (about 29 minutes)
+             (README § Measured: measured when thought-augmented runs got about two thirds
+             of their nominal passes)
   tally      tally stories (per person a start, 3-4 changes of 2-4, then the total: every
              derived number a 3-4 step sum) cut into one chunk per story, so one thought holds
-             the whole story's working and the E-step's prompt is the whole story (8-10
-             minutes with --config.em.iterations=1; README § Measured, "Variants measured and
-             not adopted")
+             the whole story's working and the E-step's prompt is the whole story (README §
+             Measured, "Variants measured and not adopted")
   smoke      a much smaller run for tests and notebooks (about a minute or two; not a result)
 """
 from latent_em import config_defaults
@@ -111,8 +110,10 @@ def get_config(arg=None):
   config.mstep_data.seed = arg.seed
 
   config.em.iterations = 2
-  config.em.warmstart_epochs = 10.0
-  config.em.mstep_epochs = 3.0
+  # Real passes (em/job.py): about the passes thought-augmented runs got before budgets counted
+  # the rows packing leaves partly empty (10 and 3 nominal passes then).
+  config.em.warmstart_epochs = 7.0
+  config.em.mstep_epochs = 2.0
   config.em.baselines = ("raw_token_matched", "raw_compute_matched")
   config.em.eval_elbo_docs = 25
 

@@ -222,7 +222,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   pending: list[dict] = []
   last = {"loss": float("nan")}
   eval_nll = None
-  t_log, tokens_since = time.perf_counter(), 0.0
+  t_log, tokens_since = time.perf_counter(), 0.0  # loss-bearing tokens trained since this start
   train_start = time.perf_counter()
   try:
     for step in range(start, cfg_train.steps):
@@ -277,6 +277,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       "steps": cfg_train.steps, "final_loss": last.get("loss"), "eval_nll_per_token": eval_nll,
       "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu"),
       "params": n_params, "wall_s": time.perf_counter() - train_start, "params_dir": params_dir,
+      "loss_tokens": tokens_since,
       "tokenizer": tokenizer.path, "input": input_stats(task_name),
       "data_format": (runtime.section(config, "mstep_data").format
                       if runtime.section(config, "mstep_data").record_files else "raw"),

@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -387,3 +388,36 @@ def test_reregistering_a_task_replaces_it(env):
   tasks.register_raw_task("test_pipe_rereg", {"train": [env["good"]]}, tok.vocabulary)
   tasks.register_raw_task("test_pipe_rereg", {"train": [one]}, tok.vocabulary)
   assert pipeline.count_tokens("test_pipe_rereg", "train") == len(tok.encode("only document")) + 1
+
+
+def _docs_of_length(tok, lengths: set[int], n: int, seed: int = 0) -> list[str]:
+  """n documents whose token count (EOS included) is in `lengths`."""
+  rng, out = random.Random(seed), []
+  while len(out) < n:
+    d = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
+    if len(tok.encode(d)) + 1 in lengths:
+      out.append(d)
+  return out
+
+
+def test_count_rows_is_rows_of_one_packed_pass(env):
+  tok, root = env["tok"], env["root"]
+  # Half-row documents fill every row exactly; documents over half a row never share one.
+  half = _write_jsonl(root / "half.jsonl", _docs_of_length(tok, {SEQ // 2}, 10))
+  big = _write_jsonl(root / "big.jsonl", _docs_of_length(tok, set(range(SEQ // 2 + 1, SEQ + 1)), 7))
+  for name, path, rows in (("test_rows_half", half, 5), ("test_rows_big", big, 7)):
+    tasks.register_raw_task(name, {"train": [path]}, tok.vocabulary)
+    assert pipeline.count_rows(name, "train", SEQ, bos_id=tok.bos_id, seed=3) == rows
+  # Mixed lengths (long ones split): the rows one pass of the training pipeline yields, enough
+  # of them to hold every loss-bearing token and more than a perfect packing would need.
+  got = pipeline.count_rows("test_pipe_good", "train", SEQ, bos_id=tok.bos_id, seed=3)
+  ds = pipeline.get_dataset("test_pipe_good", "train", SEQ, 1, bos_id=tok.bos_id, seed=3,
+                            repeat=False, shard_id=0, num_shards=1, drop_remainder=False)
+  rows = [b for b in ds.as_numpy_iterator()]
+  assert got == len(rows)
+  tokens = pipeline.count_tokens("test_pipe_good", "train")
+  assert sum(float(b["loss_weights"].sum()) for b in rows) == tokens
+  assert got > tokens / SEQ
+  mixture = seqio.Mixture("test_rows_mix", [("test_pipe_good", 1.0)])
+  with pytest.raises(ValueError, match="mixture"):
+    pipeline.count_rows(mixture, "train", SEQ, bos_id=tok.bos_id, seed=3)

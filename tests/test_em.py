@@ -116,7 +116,8 @@ def _fake_results(acc):
   for name, a in acc.items():
     thought = not name.startswith("raw")
     runs[name] = {
-        "train": {"train_tokens": 100, "raw_tokens": 50, "steps": 2, "thought_trained": thought},
+        "train": {"train_tokens": 100, "raw_tokens": 50, "steps": 2, "thought_trained": thought,
+                  "epochs": 3.0, "fill": 0.5},
         "eval": {"accuracy": {"mathcorpus": a / 2}, "latent_accuracy":
                  ({"mathcorpus": a} if thought else {}), "nll_per_token": 1.0 + a,
                  "elbo_per_token": {"1": -2.0, "2": -1.9, "4": -1.8} if thought else {},
@@ -135,7 +136,7 @@ def test_report_schema_table_plots_and_aggregate(tmp_path):
   with open(tmp_path / "results.json") as f:
     assert json.load(f)["runs"]["em_iter_1"]["elbo_per_token"]["4"] == -1.8
   table = (tmp_path / "results.md").read_text()
-  assert "| em_iter_1 | 20.0 | 40.0 | 1.400 | -2.000 | -1.900 | -1.800 | 100 | 50 |" in table
+  assert "| em_iter_1 | 20.0 | 40.0 | 1.400 | -2.000 | -1.900 | -1.800 | 100 | 50 | 3.0 |" in table
   assert "Always giving the most common gold answer scores 15.0% accuracy." in table
   # em_iter_1: NLL 1.4 and -ELBO_4 = 1.8 -> 1.4; raw_token_matched NLL 1.1; warm start 1.2.
   assert "- warmstart 1.200: behind raw_token_matched (1.100) by 0.100" in table
@@ -183,6 +184,15 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   assert runs["raw_token_matched"]["raw_tokens"] == runs["em_iter_1"]["raw_tokens"]
   assert runs["raw_compute_matched"]["train_tokens"] == runs["em_iter_1"]["train_tokens"]
   assert runs["raw_compute_matched"]["train_tokens"] > runs["raw_token_matched"]["train_tokens"]
+  # Budgets are real passes (one in the smoke config): the loss-bearing tokens each training
+  # loop saw are that many times its data, although thought-augmented documents pack worse.
+  for name in ("warmstart", "raw_token_matched", "em_iter_1", "em_iter_2"):
+    with open(os.path.join(workdir, "runs", name, "train", "STAGE_DONE.json")) as f:
+      stage = json.load(f)["outputs"]
+    passes = runs[name]["epochs"]
+    assert 1.0 <= passes < 1.0 + 8 / stage["epoch_rows"], name  # whole batches of 8 rows
+    assert stage["loss_tokens"] / stage["epoch_tokens"] == pytest.approx(passes, rel=0.1), name
+    assert 0 < runs[name]["fill"] <= 1
   assert "| em_iter_2 |" in out
   for png in ("accuracy.png", "iterations.png"):
     assert os.path.getsize(os.path.join(workdir, "plots", png)) > 1000
@@ -210,7 +220,7 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
 
 @pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=8",
                                      "large_warmstart,ablate_k", "data_constrained",
-                                     "tally,large_warmstart"])
+                                     "tally,large_warmstart", "tally"])
 def test_quickstart_variants_validate(variant):
   import importlib.util
   from conftest import REPO
@@ -223,14 +233,16 @@ def test_quickstart_variants_validate(variant):
   assert config.job == "em" and config.em.iterations >= 2
   k = {"ablate_k": 1, "seed=2,k=8": 8, "large_warmstart,ablate_k": 1}.get(variant, 4)
   assert config.estep.num_samples == k
-  warmstart = {"large_warmstart,ablate_k": (1200, 8.0), "tally,large_warmstart": (1200, 8.0),
-               "smoke": (40, 1.0),
-               "data_constrained": (100, 30.0)}.get(variant, (300, 10.0))
-  assert (config.corpus.n_warmstart, config.em.warmstart_epochs) == warmstart
+  # (warm-start stories, bootstrap stories, warm-start passes, M-step passes)
+  sizes = {"large_warmstart,ablate_k": (1200, 320, 8.0, 2.0),
+           "tally,large_warmstart": (1200, 320, 8.0, 2.0), "smoke": (40, 40, 1.0, 1.0),
+           "data_constrained": (100, 100, 30.0, 20.0)}.get(variant, (300, 320, 7.0, 2.0))
+  assert (config.corpus.n_warmstart, config.corpus.n_bootstrap, config.em.warmstart_epochs,
+          config.em.mstep_epochs) == sizes
   # Teacher and E-step cut documents the same way.
   for key in ("unit", "min_units", "avg_units", "max_units"):
     assert config.synthesis.chunking[key] == config.estep.chunking[key]
-  assert config.corpus.tally == (variant == "tally,large_warmstart")
+  assert config.corpus.tally == bool(variant and variant.startswith("tally"))
   if config.corpus.tally:  # one chunk per story: every tally story has at most 12 sentences
     assert config.estep.chunking.min_units == 12 and config.estep.chunking.prefix_chunks == 0
 

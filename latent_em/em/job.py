@@ -21,8 +21,9 @@ initialisation seeded by `config.seed`):
   raw_fresh            the raw documents plus config.em.fresh_files, em_iter_1's tokens
   wrap_cot / wrap      teacher paraphrases of the raw documents (with the working inserted / in
                        four styles), trained as pure text for em_iter_1's tokens
-Training budgets are epochs over measured token counts (config.em.*_epochs), never typed-in
-step counts: steps = ceil(epochs x tokens in one pass / (batch x seq_len)).
+Training budgets are passes over the measured data (config.em.*_epochs), never typed-in step
+counts: steps = ceil(epochs x rows one packed pass fills / batch) (pipeline.count_rows), so every
+run sees its data the same number of times however well its documents pack.
 """
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ class Experiment:
                                       self.files["warmstart"] + self.files["bootstrap"])
     self.tokenizer = tokenizer
     data = runtime.section(config, "data")
+    self.batch_size, self.seq_len = data.batch_size, data.seq_len
     self.tokens_per_step = data.batch_size * data.seq_len
     # Every stage sees resolved files and the shared tokenizer (and the built-in corpus' QA
     # splits, when that corpus is in use, instead of regenerating it per stage).
@@ -190,8 +192,18 @@ class Experiment:
         out[skip[0]].pop(skip[1], None)
     return out
 
-  def _steps(self, epochs: float, tokens: int) -> int:
-    return max(1, math.ceil(epochs * tokens / self.tokens_per_step))
+  def _epoch_rows(self, config, directory: str) -> int:
+    """Rows of config.data.seq_len one shuffled pass over a training run's data fills."""
+    from latent_em import train as train_lib  # pylint: disable=g-import-not-at-top
+    from latent_em.data import pipeline  # pylint: disable=g-import-not-at-top
+    data = runtime.section(config, "data")
+    files = runtime.resolve_files(config, data.train_files, directory, "config.data.train_files")
+    task = train_lib.training_task(config, directory, files, (), self.tokenizer)
+    return pipeline.count_rows(task, "train", data.seq_len, bos_id=self.tokenizer.bos_id,
+                               seed=data.seed, pack=data.pack)
+
+  def _steps(self, epochs: float, rows: int) -> int:
+    return max(1, math.ceil(epochs * rows / self.batch_size))
 
   def _train_run(self, name: str, *, raw_files: tuple[str, ...] = (),
                  record_files: tuple[str, ...] = (), fmt: str = "random",
@@ -199,26 +211,28 @@ class Experiment:
                  thought_trained: bool = False, raw_tokens: int) -> dict[str, Any]:
     """Trains run `name` from the base for `epochs` of its data or a fixed `steps`."""
     spec = {"raw_files": raw_files, "record_files": record_files, "format": fmt,
-            "epochs": epochs, "steps": steps, "base": self.cfg.base,
+            "epochs": epochs, "steps": steps, "base": self.cfg.base, "budget": "packed_rows",
             "config": self._sections("seed", "model", "optim", "data", "mstep_data", "train")}
 
     def fn(directory: str) -> dict[str, Any]:
       # No validation inside training: the eval stage measures NLL on the validation split.
+      data = {"job": "train", "data.train_files": raw_files, "data.validation_files": (),
+              "mstep_data.record_files": record_files, "mstep_data.format": fmt}
       tokens = self._epoch_tokens(raw_files, record_files, fmt)
-      n_steps = steps if steps is not None else self._steps(epochs, tokens)
-      c = derive(self.config, {"job": "train", "data.train_files": raw_files,
-                               "data.validation_files": (), "train.steps": n_steps,
-                               "mstep_data.record_files": record_files,
-                               "mstep_data.format": fmt})
+      rows = self._epoch_rows(derive(self.config, data), directory)
+      n_steps = steps if steps is not None else self._steps(epochs, rows)
+      c = derive(self.config, {**data, "train.steps": n_steps})
       summary = jobs.run(c, directory)
       if thought_trained:
         from latent_em.evaluation import job as eval_job  # pylint: disable=g-import-not-at-top
         eval_job.mark_thought_trained(directory, data_format=fmt)
-      return {"steps": n_steps, "epoch_tokens": tokens,
+      return {"steps": n_steps, "epoch_tokens": tokens, "epoch_rows": rows,
+              "fill": tokens / max(rows * self.seq_len, 1),
               "train_tokens": n_steps * self.tokens_per_step, "raw_tokens": raw_tokens,
-              "epochs": n_steps * self.tokens_per_step / max(tokens, 1),
+              "epochs": n_steps * self.batch_size / max(rows, 1),
               "final_loss": summary.get("final_loss"),
-              "thought_trained": thought_trained, "train_wall_s": summary.get("wall_s")}
+              "thought_trained": thought_trained, "train_wall_s": summary.get("wall_s"),
+              "loss_tokens": summary.get("loss_tokens")}
 
     out = self.stages.run(f"runs/{name}/train", spec, fn)
     self.runs[name] = {"train": out}

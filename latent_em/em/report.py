@@ -8,7 +8,8 @@ results.json: {"runs": {NAME: {"accuracy", "latent_accuracy", "nll_per_token",
 - nll_per_token: validation NLL (nats per raw token); elbo_per_token: ELBO_k per raw token
   (a lower bound on log p(x) per token; thought-trained runs only).
 - train_tokens: tokens trained on (steps x batch x seq_len); raw_tokens: tokens of the distinct
-  raw documents in the run's training data.
+  raw documents in the run's training data; epochs: passes over the run's training data (steps x
+  batch / rows one packed pass fills); fill: the share of those rows' tokens that carry loss.
 - constant_answer_accuracy: the accuracy of always giving the most common gold answer of the
   first task (the same for every run): accuracies near it carry no evidence.
 - thought_arithmetic, thought_explains (built-in corpus, thought-trained runs): the share of
@@ -49,6 +50,8 @@ def collect(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "elbo_per_token": ev.get("elbo_per_token") or {},
         "train_tokens": train["train_tokens"],
         "raw_tokens": train["raw_tokens"],
+        "epochs": train.get("epochs"),
+        "fill": train.get("fill"),
         "accuracy_by_task": ev.get("accuracy") or {},
         "latent_accuracy_by_task": ev.get("latent_accuracy") or {},
         "steps": train["steps"],
@@ -73,13 +76,14 @@ def table(results: dict[str, Any]) -> str:
   ks = sorted({k for r in results["runs"].values() for k in r["elbo_per_token"]}, key=int)
   quality = [k for k in THOUGHT_QUALITY if any(k in r for r in results["runs"].values())]
   head = (["run", "accuracy %", "latent acc. %", "NLL/token"] + [f"ELBO_{k}/token" for k in ks]
-          + ["train tokens", "raw tokens"] + [THOUGHT_QUALITY[k] for k in quality])
+          + ["train tokens", "raw tokens", "passes"] + [THOUGHT_QUALITY[k] for k in quality])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, r in results["runs"].items():
     row = [name, _fmt(r["accuracy"], True), _fmt(r["latent_accuracy"], True),
            _fmt(r["nll_per_token"])]
     row += [_fmt(r["elbo_per_token"].get(k)) for k in ks]
-    row += [f"{r['train_tokens']:,}", f"{r['raw_tokens']:,}"]
+    row += [f"{r['train_tokens']:,}", f"{r['raw_tokens']:,}",
+            "-" if r.get("epochs") is None else f"{r['epochs']:.1f}"]
     row += [_fmt(r.get(k), True) for k in quality]
     lines.append("| " + " | ".join(row) + " |")
   constant = {r.get("constant_answer_accuracy") for r in results["runs"].values()} - {None}
