@@ -19,8 +19,8 @@ Variants (after the colon, comma-separated):
              thoughts, whose E-step writes right working (README § Measured)
   data_constrained
              a third of the raw stories (100 warm-start + 100 bootstrap), each seen 30 times
-             in the warm start and 20 times in every M-step and in raw_token_matched (about 49
-             in raw_compute_matched): the repeated-data regime, where raw training overfits
+             in the warm start and 20 times in every M-step and in raw_token_matched (about 3x
+             that in raw_compute_matched): the repeated-data regime, where raw training overfits
              (README § Measured: measured when thought-augmented runs got about two thirds
              of their nominal passes)
   tally      tally stories (per person a start, 3-4 changes of 2-4, then the total: every
