@@ -253,7 +253,7 @@ def iterate_eval(
     yield batch
 
 
-def count_rows(
+def packed_pass(
     task_name: TaskOrName,
     split: str,
     seq_len: int,
@@ -261,24 +261,32 @@ def count_rows(
     bos_id: int,
     seed: Optional[int],
     pack: bool = True,
-) -> int:
-  """Rows of seq_len tokens one shuffled pass over a task's split fills (all hosts together).
+) -> dict[str, int]:
+  """One shuffled pass over a task's split as training packs it (all hosts together):
+  {"rows": rows of seq_len tokens it fills, "tokens": loss-bearing tokens in them}.
 
   Packing leaves the end of a row empty when the next document does not fit, so a pass takes
-  more rows than count_tokens / seq_len (on the built-in corpus at 256 tokens about 1.16x for
-  raw stories and 1.4-1.5x for thought-augmented ones). Training budgets in passes divide by this,
-  so that "E epochs" means E real passes whatever the layout. Tasks only: a mixture's pass is
-  set by its rates, not by its data.
+  more rows than tokens / seq_len (on the built-in corpus at 256 tokens about 1.16x for raw
+  stories and 1.4-1.5x for thought-augmented ones). Training budgets in passes divide by the
+  rows, so that "E epochs" means E real passes whatever the layout. Tasks only: a mixture's pass
+  is set by its rates, not by its data.
   """
   provider = _provider(task_name)
   if not isinstance(provider, seqio.Task):
-    raise ValueError(f"count_rows counts a Task's rows, not the mixture {provider.name!r}")
+    raise ValueError(f"a packed pass is over a Task, not the mixture {provider.name!r}")
   ds = get_dataset(provider, split, seq_len, 1, bos_id=bos_id, seed=seed, shuffle=True,
                    repeat=False, shard_id=0, num_shards=1, pack=pack, drop_remainder=False)
+  ds = ds.map(lambda b: tf.reduce_sum(tf.cast(b["loss_weights"] > 0, tf.int64)))
   try:
-    return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+    rows, tokens = ds.reduce((np.int64(0), np.int64(0)), lambda acc, n: (acc[0] + 1, acc[1] + n))
   except tf.errors.OpError as e:
     _reraise(e)
+  return {"rows": int(rows), "tokens": int(tokens)}
+
+
+def count_rows(task_name: TaskOrName, split: str, seq_len: int, **kwargs) -> int:
+  """Rows of seq_len tokens one shuffled pass over a task's split fills (see packed_pass)."""
+  return packed_pass(task_name, split, seq_len, **kwargs)["rows"]
 
 
 def count_tokens(

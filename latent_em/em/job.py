@@ -22,7 +22,7 @@ initialisation seeded by `config.seed`):
   wrap_cot / wrap      teacher paraphrases of the raw documents (with the working inserted / in
                        four styles), trained as pure text for em_iter_1's tokens
 Training budgets are passes over the measured data (config.em.*_epochs), never typed-in step
-counts: steps = ceil(epochs x rows one packed pass fills / batch) (pipeline.count_rows), so every
+counts: steps = ceil(epochs x rows one packed pass fills / batch) (pipeline.packed_pass), so every
 run sees its data the same number of times however well its documents pack.
 """
 from __future__ import annotations
@@ -162,19 +162,6 @@ class Experiment:
         t for doc in docs for _, t in doc)
     self.runs[name]["thought_explains"] = mathcorpus.thought_explains(docs)
 
-  def _epoch_tokens(self, raw_files: tuple[str, ...], record_files: tuple[str, ...],
-                    fmt: str) -> int:
-    """Loss-bearing tokens in one pass over a run's training data, counted with the tokenizer
-    (equal to seqio's count of the training task; see thought_tasks.thought_token_stats)."""
-    from latent_em.data import thought_tasks  # pylint: disable=g-import-not-at-top
-    total = self._raw_tokens(raw_files) if raw_files else 0
-    if record_files:
-      md = runtime.section(self.config, "mstep_data")
-      stats = thought_tasks.thought_token_stats(list(record_files), self.tokenizer,
-                                                seed=md.seed, **md.chunk_options())
-      total += stats["total_tokens"][fmt]
-    return total
-
   def _sections(self, *names: str) -> dict[str, Any]:
     """The config sections a stage depends on (part of its spec: a change re-runs nothing
     silently; see stages.Stages.run)."""
@@ -192,15 +179,15 @@ class Experiment:
         out[skip[0]].pop(skip[1], None)
     return out
 
-  def _epoch_rows(self, config, directory: str) -> int:
-    """Rows of config.data.seq_len one shuffled pass over a training run's data fills."""
+  def _epoch(self, config, directory: str) -> dict[str, int]:
+    """One shuffled, packed pass over a training run's data: {"rows", "tokens" (loss-bearing)}."""
     from latent_em import train as train_lib  # pylint: disable=g-import-not-at-top
     from latent_em.data import pipeline  # pylint: disable=g-import-not-at-top
     data = runtime.section(config, "data")
     files = runtime.resolve_files(config, data.train_files, directory, "config.data.train_files")
     task = train_lib.training_task(config, directory, files, (), self.tokenizer)
-    return pipeline.count_rows(task, "train", data.seq_len, bos_id=self.tokenizer.bos_id,
-                               seed=data.seed, pack=data.pack)
+    return pipeline.packed_pass(task, "train", data.seq_len, bos_id=self.tokenizer.bos_id,
+                                seed=data.seed, pack=data.pack)
 
   def _steps(self, epochs: float, rows: int) -> int:
     return max(1, math.ceil(epochs * rows / self.batch_size))
@@ -218,8 +205,8 @@ class Experiment:
       # No validation inside training: the eval stage measures NLL on the validation split.
       data = {"job": "train", "data.train_files": raw_files, "data.validation_files": (),
               "mstep_data.record_files": record_files, "mstep_data.format": fmt}
-      tokens = self._epoch_tokens(raw_files, record_files, fmt)
-      rows = self._epoch_rows(derive(self.config, data), directory)
+      epoch = self._epoch(derive(self.config, data), directory)
+      rows, tokens = epoch["rows"], epoch["tokens"]
       n_steps = steps if steps is not None else self._steps(epochs, rows)
       c = derive(self.config, {**data, "train.steps": n_steps})
       summary = jobs.run(c, directory)
