@@ -291,6 +291,16 @@ def test_stages_reuse_identical_stages_from_another_workdir(tmp_path):
   # A rerun of the second experiment accepts the linked stage as its own.
   again = Stages(b, reuse_from=a)
   assert again.run("teacher", {"files": [f"{b}/corpus/x.jsonl"]}, lambda d: 1 / 0) == out
+  # A third experiment reusing the second takes the teacher the second reused from the first
+  # (its marker holds the first's paths), and the train stage the second ran itself.
+  c = str(tmp_path / "c")
+  third = Stages(c, reuse_from=b)
+  assert third.run("teacher", {"files": [f"{c}/corpus/x.jsonl"]}, lambda d: 1 / 0) == {
+      "records": f"{c}/teacher/r-*.tfrecord"}
+  assert os.readlink(os.path.join(c, "teacher")) == os.path.join(a, "teacher")
+  assert third.done("teacher")["spec"] == {"files": [f"{c}/corpus/x.jsonl"]}
+  assert third.run("estep", {"k": 1}, lambda d: 1 / 0) == {"n": 1}
+  assert os.readlink(os.path.join(c, "estep")) == os.path.join(b, "estep")
 
 
 def test_em_raw_fresh_and_wrap_cot_baselines(tmp_path):

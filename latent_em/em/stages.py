@@ -50,6 +50,24 @@ def _replace_paths(obj: Any, old: str, new: str) -> Any:
   return obj
 
 
+def _origin(path: str, name: str) -> str | None:
+  """The workdir that computed the stage at `path` (stage `name`): `path`'s own workdir, or,
+  where `path` is a link left by reuse (possibly of a stage that was itself reused), the
+  workdir at the end of the links, spelled as the links spell it; None if a link leads
+  elsewhere."""
+  tail = os.sep + os.path.normpath(name)
+  if not path.endswith(tail):
+    return None
+  for _ in range(40):
+    if not os.path.islink(path):
+      return path[:-len(tail)]
+    target = os.readlink(path)
+    path = target if os.path.isabs(target) else os.path.join(os.path.dirname(path), target)
+    if not path.endswith(tail):
+      return None
+  return None
+
+
 class Stages:
   """Runs named stages under `workdir`, once each.
 
@@ -68,11 +86,16 @@ class Stages:
   def _try_reuse(self, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
     if not self.reuse_from:
       return None
-    marker = os.path.join(self.reuse_from, name, MARKER)
+    # A stage the other experiment itself reused is taken from the experiment that ran it:
+    # its marker's paths are that workdir's.
+    origin = _origin(os.path.join(self.reuse_from, name), name)
+    if origin is None:
+      return None
+    marker = os.path.join(origin, name, MARKER)
     if not os.path.exists(marker):
       return None
     other = io_utils.read_json(marker)
-    if _replace_paths(other.get("spec"), self.reuse_from, self.workdir) != spec:
+    if _replace_paths(other.get("spec"), origin, self.workdir) != spec:
       return None
     if self._reads_local_outputs(spec):
       return None
@@ -84,10 +107,10 @@ class Stages:
         import shutil  # pylint: disable=g-import-not-at-top
         shutil.rmtree(target)  # an unfinished attempt of this stage
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.symlink(os.path.join(self.reuse_from, name), target)
-    self.log(f"[{name}] reused from {self.reuse_from}")
+    os.symlink(os.path.join(origin, name), target)
+    self.log(f"[{name}] reused from {origin}")
     self.timings[name] = 0.0
-    return _replace_paths(other["outputs"], self.reuse_from, self.workdir)
+    return _replace_paths(other["outputs"], origin, self.workdir)
 
   def _reads_local_outputs(self, spec: Any) -> bool:
     """Whether the spec names outputs of a stage computed in this workdir (not linked): equal
@@ -114,13 +137,15 @@ class Stages:
 
   def done(self, name: str) -> dict[str, Any] | None:
     """The stage's marker ({"spec", "outputs", "wall_s"}) if it finished, else None; for a
-    stage linked from reuse_from, with that workdir's paths read as this one's."""
+    stage linked from another experiment, with that workdir's paths read as this one's."""
     marker = os.path.join(self.path(name), MARKER)
     if not os.path.exists(marker):
       return None
     info = io_utils.read_json(marker)
-    if self.reuse_from and os.path.islink(self.path(name)):
-      info = _replace_paths(info, self.reuse_from, self.workdir)
+    if os.path.islink(self.path(name)):
+      origin = _origin(self.path(name), name)
+      if origin is not None:
+        info = _replace_paths(info, origin, self.workdir)
     return info
 
   def run(self, name: str, spec: dict[str, Any], fn: Callable[[str], dict[str, Any]]
