@@ -292,7 +292,7 @@ def test_stages_reuse_identical_stages_from_another_workdir(tmp_path):
   again = Stages(b, reuse_from=a)
   assert again.run("teacher", {"files": [f"{b}/corpus/x.jsonl"]}, lambda d: 1 / 0) == out
   # A third experiment reusing the second takes the teacher the second reused from the first
-  # (its marker holds the first's paths), and the train stage the second ran itself.
+  # (its marker holds the first's paths), and the E-step the second ran itself.
   c = str(tmp_path / "c")
   third = Stages(c, reuse_from=b)
   assert third.run("teacher", {"files": [f"{c}/corpus/x.jsonl"]}, lambda d: 1 / 0) == {
