@@ -27,6 +27,10 @@ Variants (after the colon, comma-separated):
              derived number a 3-4 step sum) cut into one chunk per story, so one thought holds
              the whole story's working and the E-step's prompt is the whole story (README §
              Measured, "Variants measured and not adopted")
+  pretrained_base
+             every run starts from a base this job first pretrains on 1,500 other stories
+             written with their working (`builtin:mathcorpus/pretrain_cot`), as the paper
+             starts from a pretrained model that knows worked solutions (README § Measured)
   smoke      a much smaller run for tests and notebooks (about a minute or two; not a result)
 """
 from latent_em import config_defaults
@@ -34,7 +38,8 @@ from latent_em import config_defaults
 
 def get_config(arg=None):
   arg = config_defaults.parse_arg(arg, ablate_k=False, k=4, seed=0, smoke=False,
-                                  large_warmstart=False, data_constrained=False, tally=False)
+                                  large_warmstart=False, data_constrained=False, tally=False,
+                                  pretrained_base=False)
   config = config_defaults.base()
   config.job = "em"
   config.seed = arg.seed
@@ -143,6 +148,10 @@ def get_config(arg=None):
     config.corpus.n_bootstrap = 100
     config.em.warmstart_epochs = 30.0
     config.em.mstep_epochs = 20.0
+  if arg.pretrained_base:
+    config.corpus.n_pretrain = 1500
+    config.em.base_files = ("builtin:mathcorpus/pretrain_cot",)
+    config.em.base_epochs = 3.0
   if arg.smoke:
     config.corpus.n_warmstart = 40
     config.corpus.n_bootstrap = 40

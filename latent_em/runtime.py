@@ -110,7 +110,12 @@ def resolve_files(config, files: tuple[str, ...], workdir: str, key: str) -> tup
   out = []
   for spec in files:
     if spec.startswith(BUILTIN_PREFIX):
-      out.append(builtin_corpus(config, workdir)[spec[len(BUILTIN_PREFIX):]])
+      paths = builtin_corpus(config, workdir)
+      split = spec[len(BUILTIN_PREFIX):]
+      if split not in paths:
+        raise config_lib.ConfigError(
+            f"{key}: the built-in corpus has no split {split!r}; its splits are {sorted(paths)}")
+      out.append(paths[split])
     elif spec.startswith("tfds:"):
       out.append(spec)
     else:

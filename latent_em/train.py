@@ -187,6 +187,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     init_params = None
     if cfg_train.init_from:
       init_params = load_init_params(cfg_train.init_from, cfg_model)
+      logging.info("starting from the parameters of %s", cfg_train.init_from)
     state = ts.create_sharded_state(cfg_model, tx, mesh, rules,
                                     jax.random.key(config.get("seed", 0)), params=init_params)
     batches = pipeline.BatchIterator(train_dataset, start_batch=0)

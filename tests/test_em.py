@@ -163,6 +163,13 @@ def test_em_config_errors_name_the_key():
     config_lib.from_config(EMConfig, {"baselines": ("raw_tokn_matched",)}, "config.em")
   with pytest.raises(config_lib.ConfigError, match="config.em.fresh_files"):
     config_lib.from_config(EMConfig, {"baselines": ("raw_fresh",)}, "config.em")
+  with pytest.raises(config_lib.ConfigError, match="config.em.base_files.*not both"):
+    config_lib.from_config(EMConfig, {"base": "/ckpt", "base_files": ("a.jsonl",),
+                                      "base_epochs": 1.0}, "config.em")
+  with pytest.raises(config_lib.ConfigError, match="config.em.base_epochs"):
+    config_lib.from_config(EMConfig, {"base_files": ("a.jsonl",)}, "config.em")
+  with pytest.raises(config_lib.ConfigError, match="config.em.base_epochs"):
+    config_lib.from_config(EMConfig, {"base_epochs": 2.0}, "config.em")
 
 
 def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
@@ -220,7 +227,7 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
 
 @pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=8",
                                      "large_warmstart,ablate_k", "data_constrained",
-                                     "tally,large_warmstart", "tally"])
+                                     "tally,large_warmstart", "tally", "pretrained_base"])
 def test_quickstart_variants_validate(variant):
   import importlib.util
   from conftest import REPO
@@ -243,6 +250,9 @@ def test_quickstart_variants_validate(variant):
   for key in ("unit", "min_units", "avg_units", "max_units"):
     assert config.synthesis.chunking[key] == config.estep.chunking[key]
   assert config.corpus.tally == bool(variant and variant.startswith("tally"))
+  assert bool(config.em.base_files) == (variant == "pretrained_base")
+  if config.em.base_files:
+    assert config.corpus.n_pretrain > 0 and config.em.base_epochs > 0 and not config.em.base
   if config.corpus.tally:  # one chunk per story: every tally story has at most 12 sentences
     assert config.estep.chunking.min_units == 12 and config.estep.chunking.prefix_chunks == 0
 
@@ -322,3 +332,39 @@ def test_em_raw_fresh_and_wrap_cot_baselines(tmp_path):
                                                 "shard-*.tfrecord")))
   chunk = next(c for r in recs for c in r.chunks if c.thought and c.thought != c.suffix)
   assert " = " in chunk.thought and chunk.source == "wrap:cot"
+
+
+def test_em_pretrains_the_base_every_run_starts_from(tmp_path):
+  """config.em.base_files: run `base` trains first, from random initialisation, on the
+  pretraining stories; every other run starts from its parameters; it is reported, but is no
+  baseline in the comparison lines."""
+  workdir = str(tmp_path / "em")
+  args = ["--config=configs/quickstart.py:smoke,pretrained_base", f"--workdir={workdir}",
+          "--config.em.iterations=1", "--config.em.baselines=('raw_token_matched',)",
+          "--config.corpus.n_pretrain=30", "--config.em.eval_elbo_docs=2"]
+  proc = run_main(args, timeout=1500)
+  with open(os.path.join(workdir, "results.json")) as f:
+    res = json.load(f)
+  runs = res["runs"]
+  assert sorted(runs) == ["base", "em_iter_1", "raw_token_matched", "warmstart"]
+  base = runs["base"]
+  assert not base["thought_trained"] and np.isfinite(base["nll_per_token"])
+  assert base["epochs"] >= 3.0 and base["latent_accuracy"] is None
+  # The base trained on the pretraining split (its raw tokens are those stories', with their
+  # working written in), from no checkpoint; every other run from the base's workdir.
+  with open(os.path.join(workdir, "corpus", "pretrain_cot.jsonl")) as f:
+    texts = [json.loads(line)["text"] for line in f]
+  assert len(texts) == 30 and all(" = " in t for t in texts)
+  stage = lambda name: json.load(open(os.path.join(workdir, "runs", name, "train",
+                                                   "STAGE_DONE.json")))["spec"]
+  assert stage("base")["base"] == "" and stage("base")["raw_files"] == [
+      os.path.join(workdir, "corpus", "pretrain_cot.jsonl")]
+  base_dir = os.path.join(workdir, "runs", "base", "train")
+  for name in ("warmstart", "raw_token_matched", "em_iter_1"):
+    assert stage(name)["base"] == base_dir, name
+  # The training loops themselves loaded the base's parameters, once for each of those runs.
+  assert proc.stderr.count(f"starting from the parameters of {base_dir}") == 3
+  assert proc.stderr.count("starting from the parameters of") == 3
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("- ")]
+  assert lines and not any("behind base" in l or "ahead of base" in l for l in lines)
+  assert "| base |" in proc.stdout

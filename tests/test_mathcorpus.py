@@ -16,7 +16,7 @@ from latent_em.data import chunking
 from latent_em.data import mathcorpus as mc
 
 SMALL = mc.CorpusConfig(n_warmstart=60, n_bootstrap=120, n_validation=40, n_eval=60, n_fewshot=8,
-                        n_fresh=20)
+                        n_fresh=20, n_pretrain=30)
 OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.")
 RECALL = re.compile(r"([A-Z][a-z]+) ha[sd] (\d+) ([a-z]+)\.")
@@ -80,7 +80,8 @@ def test_splits_are_deterministic_and_seeded(splits):
 
 def test_splits_sizes_fields_and_disjointness(splits):
   assert {k: len(v) for k, v in splits.items()} == {
-      "warmstart": 60, "bootstrap": 120, "validation": 40, "fresh": 20, "fewshot": 8, "eval": 60}
+      "warmstart": 60, "bootstrap": 120, "validation": 40, "fresh": 20, "pretrain": 30,
+      "pretrain_cot": 30, "fewshot": 8, "eval": 60}
   texts = [r["text"] for name in mc.TEXT_SPLITS for r in splits[name]]
   questions = [r["question"] for name in mc.QA_SPLITS for r in splits[name]]
   assert len(set(texts)) == len(texts)
@@ -91,6 +92,17 @@ def test_splits_sizes_fields_and_disjointness(splits):
     assert all(set(r) == {"id", "text"} for r in splits[name])
   for name in mc.QA_SPLITS:
     assert all(set(r) == {"id", "question", "solution", "answer", "steps"} for r in splits[name])
+  # pretrain_cot: the pretraining stories with the oracle's working before each derived
+  # sentence; taking the working out gives the story back.
+  for story, worked in zip(splits["pretrain"], splits["pretrain_cot"]):
+    sentences = mc.split_sentences(story["text"])
+    workings = [t for t in mc.sentence_thoughts(sentences) if t]
+    assert workings and worked["text"] != story["text"]
+    stripped = worked["text"]
+    for w in workings:
+      assert w + " " in stripped
+      stripped = stripped.replace(w + " ", "", 1)
+    assert stripped == story["text"]
   # Every question kind is demonstrated in the few-shot exemplars.
   asks = [r["question"].rsplit(". ", 1)[-1] for r in splits["fewshot"]]
   assert any("do they have together" in a for a in asks)

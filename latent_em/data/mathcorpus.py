@@ -44,6 +44,9 @@ class CorpusConfig:
   n_eval: int = 200
   n_fewshot: int = 8
   n_fresh: int = 0          # extra distinct stories for the raw_fresh baseline
+  # Distinct stories to pretrain a base model on (config.em.base_files): split `pretrain` holds
+  # them as written, `pretrain_cot` with the oracle's working before each derived sentence.
+  n_pretrain: int = 0
   n_names: int = 0          # names per gender to draw from (0 = all 28)
   n_objects: int = 0        # objects to draw from (0 = all 24)
   max_steps: int = 3        # equations in the working of one derived quantity
@@ -63,7 +66,8 @@ class CorpusConfig:
 
   def __post_init__(self):
     key = "config.corpus"
-    for name in ("n_warmstart", "n_bootstrap", "n_validation", "n_eval", "n_fewshot", "n_fresh"):
+    for name in ("n_warmstart", "n_bootstrap", "n_validation", "n_eval", "n_fewshot", "n_fresh",
+                 "n_pretrain"):
       config_lib.check(getattr(self, name) >= 0, f"{key}.{name}",
                        f"must be >= 0, got {getattr(self, name)}")
     config_lib.check(0 <= self.n_names <= len(FEMALE), f"{key}.n_names",
@@ -1067,17 +1071,19 @@ def generate_question(rng: random.Random, cfg: CorpusConfig | None = None,
 
 # ------------------------------------------------------------------------------------ splits
 
-TEXT_SPLITS = ("warmstart", "bootstrap", "validation", "fresh")
+TEXT_SPLITS = ("warmstart", "bootstrap", "validation", "fresh", "pretrain")
 QA_SPLITS = ("fewshot", "eval")
 
 
 def make_splits(cfg: CorpusConfig | Any = None) -> dict[str, list[dict[str, Any]]]:
   """The corpus: story splits of {"id", "text"}, question splits of question records.
 
-  Returns {"warmstart", "bootstrap", "validation", "fresh": [{"id", "text"}],
-  "fewshot", "eval": [{"id", "question", "solution", "answer", "steps"}]}. Each split has its
-  own random stream (seeded by cfg.seed and its name), so resizing one split leaves the others'
-  contents unchanged; no text or question appears in two splits or twice in one.
+  Returns {"warmstart", "bootstrap", "validation", "fresh", "pretrain", "pretrain_cot":
+  [{"id", "text"}], "fewshot", "eval": [{"id", "question", "solution", "answer", "steps"}]}.
+  Each split has its own random stream (seeded by cfg.seed and its name), so resizing one split
+  leaves the others' contents unchanged; no text or question appears in two splits or twice in
+  one. `pretrain_cot` is `pretrain` with the working written in (`oracle_cot`): text in the
+  spirit of worked solutions, for a base model that already knows the working's form.
   """
   cfg = config_lib.from_config(CorpusConfig, cfg if cfg is not None else {}, "config.corpus")
   splits: dict[str, list[dict[str, Any]]] = {}
@@ -1090,6 +1096,8 @@ def make_splits(cfg: CorpusConfig | Any = None) -> dict[str, list[dict[str, Any]
       if text not in seen:
         seen.add(text)
         rows.append({"id": f"{name}-{len(rows):06d}", "text": text})
+  splits["pretrain_cot"] = [{"id": f"pretrain_cot-{i:06d}", "text": oracle_cot("", r["text"])}
+                            for i, r in enumerate(splits["pretrain"])]
   for name in QA_SPLITS:
     rng = random.Random(f"latent_em.mathcorpus/{cfg.seed}/{name}")
     rows = splits[name] = []

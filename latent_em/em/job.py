@@ -6,6 +6,7 @@ with the raw-data and paraphrase baselines, in one resumable job.
 Layout of WORKDIR (each stage directory ends with STAGE_DONE.json when finished; see stages.py):
   corpus/, tokenizer.model     the built-in corpus (if used) and the shared tokenizer
   teacher/                     synthesis job: teacher thoughts for the warm-start split
+  runs/base/train/             the base, when config.em.base_files pretrains one
   runs/<NAME>/train/           training workdir of run NAME (checkpoints, params, summary)
   runs/<NAME>/eval/            evaluation job of run NAME (eval/results.json)
   estep/iter_<t>/              E-step with model_{t-1} on the bootstrap split (records)
@@ -14,8 +15,10 @@ Layout of WORKDIR (each stage directory ends with STAGE_DONE.json when finished;
 
 Runs: `warmstart` (teacher-thought data), `em_iter_<t>` (warm-start teacher records + the
 bootstrap split with model_{t-1}'s thoughts, trained from the base), and the baselines of
-`config.em.baselines`, all trained from the same base (`config.em.base`, or one random
-initialisation seeded by `config.seed`):
+`config.em.baselines`, all trained from the same base: `config.em.base`, a model this job
+pretrains on `config.em.base_files` first (run `base`, from random initialisation; reported but
+never a baseline: it did not train on the experiment's raw documents), or one random
+initialisation seeded by `config.seed`:
   raw_token_matched    the same raw documents as em_iter_t, the same number of epochs
   raw_compute_matched  the same raw documents, repeated to em_iter_1's training tokens
   raw_fresh            the raw documents plus config.em.fresh_files, em_iter_1's tokens
@@ -57,6 +60,9 @@ class EMConfig:
       warmstart_files (backend "oracle" for the built-in corpus).
     base: checkpoint every run starts from (HF dir, params checkpoint or train workdir); empty:
       random initialisation from config.seed (the same for every run).
+    base_files / base_epochs: raw corpora to pretrain the base on, for base_epochs passes, as
+      the job's first training run (`base`); every other run starts from it. Exclusive with
+      `base`.
     warmstart_epochs / mstep_epochs: passes over each run's data (see the module docstring).
     mstep_include_warmstart: the M-step also trains on the warm-start teacher records.
     baselines: any of BASELINES, run after em_iter_1.
@@ -75,6 +81,8 @@ class EMConfig:
   validation_files: tuple[str, ...] = ("builtin:mathcorpus/validation",)
   teacher_records: tuple[str, ...] = ()
   base: str = ""
+  base_files: tuple[str, ...] = ()
+  base_epochs: float = 0.0
   warmstart_epochs: float = 4.0
   mstep_epochs: float = 4.0
   mstep_include_warmstart: bool = True
@@ -96,6 +104,12 @@ class EMConfig:
                      "the baselines are matched to em_iter_1: set config.em.iterations >= 1")
     for name in ("warmstart_epochs", "mstep_epochs"):
       config_lib.check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+    config_lib.check(not (self.base and self.base_files), f"{key}.base_files",
+                     "give a base checkpoint (config.em.base) or documents to pretrain one on "
+                     "(config.em.base_files), not both")
+    config_lib.check((self.base_epochs > 0) == bool(self.base_files), f"{key}.base_epochs",
+                     f"must be > 0 exactly when config.em.base_files is set, got "
+                     f"{self.base_epochs} with {len(self.base_files)} base files")
     config_lib.check(bool(self.warmstart_files) or bool(self.teacher_records),
                      f"{key}.warmstart_files", "give warm-start documents or teacher_records")
     config_lib.check(bool(self.bootstrap_files) or self.iterations == 0,
@@ -114,7 +128,7 @@ class Experiment:
     resolve = lambda files, key: runtime.resolve_files(config, files, self.workdir, key)
     self.files = {
         name: resolve(getattr(self.cfg, f"{name}_files"), f"config.em.{name}_files")
-        for name in ("warmstart", "bootstrap", "fresh", "validation")}
+        for name in ("warmstart", "bootstrap", "fresh", "validation", "base")}
     tokenizer = runtime.get_tokenizer(config, self.workdir,
                                       self.files["warmstart"] + self.files["bootstrap"])
     self.tokenizer = tokenizer
@@ -123,7 +137,10 @@ class Experiment:
     self.tokens_per_step = data.batch_size * data.seq_len
     # Every stage sees resolved files and the shared tokenizer (and the built-in corpus' QA
     # splits, when that corpus is in use, instead of regenerating it per stage).
-    overrides = {"tokenizer.path": tokenizer.path, "train.init_from": self.cfg.base}
+    # The checkpoint every run starts from: given, pretrained here first, or none.
+    self.base = (self.stages.path(f"runs/{report.BASE_RUN}/train") if self.cfg.base_files
+                 else self.cfg.base)
+    overrides = {"tokenizer.path": tokenizer.path, "train.init_from": self.base}
     builtin = os.path.join(self.workdir, "corpus")
     # Files of the built-in corpus: E-step thoughts are scored for their arithmetic.
     self.builtin_corpus = os.path.exists(os.path.join(builtin, "DONE.json"))
@@ -195,16 +212,20 @@ class Experiment:
   def _train_run(self, name: str, *, raw_files: tuple[str, ...] = (),
                  record_files: tuple[str, ...] = (), fmt: str = "random",
                  epochs: float | None = None, steps: int | None = None,
-                 thought_trained: bool = False, raw_tokens: int) -> dict[str, Any]:
-    """Trains run `name` from the base for `epochs` of its data or a fixed `steps`."""
+                 thought_trained: bool = False, raw_tokens: int,
+                 init_from: str | None = None) -> dict[str, Any]:
+    """Trains run `name` from `init_from` (default: the base) for `epochs` of its data or a
+    fixed `steps`."""
+    init_from = self.base if init_from is None else init_from
     spec = {"raw_files": raw_files, "record_files": record_files, "format": fmt,
-            "epochs": epochs, "steps": steps, "base": self.cfg.base, "budget": "packed_rows",
+            "epochs": epochs, "steps": steps, "base": init_from, "budget": "packed_rows",
             "config": self._sections("seed", "model", "optim", "data", "mstep_data", "train")}
 
     def fn(directory: str) -> dict[str, Any]:
       # No validation inside training: the eval stage measures NLL on the validation split.
       data = {"job": "train", "data.train_files": raw_files, "data.validation_files": (),
-              "mstep_data.record_files": record_files, "mstep_data.format": fmt}
+              "mstep_data.record_files": record_files, "mstep_data.format": fmt,
+              "train.init_from": init_from}
       epoch = self._epoch(derive(self.config, data), directory)
       rows, tokens = epoch["rows"], epoch["tokens"]
       n_steps = steps if steps is not None else self._steps(epochs, rows)
@@ -287,6 +308,19 @@ class Experiment:
 
     return (self.stages.run("teacher", spec, fn)["records"],)
 
+  def pretrain_base(self) -> None:
+    """Run `base`: pretrained from random initialisation on config.em.base_files (if set)."""
+    if not self.cfg.base_files:
+      return
+    raw_tokens = self._raw_tokens(self.files["base"])
+    if not raw_tokens:
+      raise config_lib.ConfigError(
+          f"config.em.base_files: no documents in {list(self.files['base'])} (for "
+          f"builtin:mathcorpus/pretrain or pretrain_cot set config.corpus.n_pretrain > 0)")
+    self._train_run(report.BASE_RUN, raw_files=self.files["base"], epochs=self.cfg.base_epochs,
+                    raw_tokens=raw_tokens, init_from="")
+    self._eval_run(report.BASE_RUN)
+
   def paraphrases(self, kind: str) -> str:
     files = self.files["warmstart"] + self.files["bootstrap"]
     spec = {"files": files, "kind": kind, "config": self._sections("synthesis")}
@@ -323,6 +357,7 @@ class Experiment:
     started = time.perf_counter()
     raw_all = self.files["warmstart"] + self.files["bootstrap"]
     teacher = self.teacher()
+    self.pretrain_base()
     self._train_run("warmstart", record_files=teacher, epochs=cfg.warmstart_epochs,
                     thought_trained=True, raw_tokens=self._record_raw_tokens(teacher))
     self._thought_quality("warmstart", teacher)

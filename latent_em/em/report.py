@@ -10,6 +10,8 @@ results.json: {"runs": {NAME: {"accuracy", "latent_accuracy", "nll_per_token",
 - train_tokens: tokens trained on (steps x batch x seq_len); raw_tokens: tokens of the distinct
   raw documents in the run's training data; epochs: passes over the run's training data (steps x
   batch / rows one packed pass fills); fill: the share of those rows' tokens that carry loss.
+- A run named `base` (config.em.base_files) is the model every other run started from; it is
+  listed but is not one of the baselines in the comparison lines.
 - constant_answer_accuracy: the accuracy of always giving the most common gold answer of the
   first task (the same for every run): accuracies near it carry no evidence.
 - thought_arithmetic, thought_explains (built-in corpus, thought-trained runs): the share of
@@ -26,6 +28,9 @@ from typing import Any, Sequence
 from latent_em import io_utils
 
 RESULTS = "results.json"
+# The run a job pretrains every other run's base as (config.em.base_files): reported, but no
+# baseline, since it never trained on the experiment's raw documents.
+BASE_RUN = "base"
 TABLE = "results.md"
 # Thought quality on the built-in corpus (em/job.py), as column headers.
 THOUGHT_QUALITY = {"thought_arithmetic": "thought arith. %",
@@ -109,7 +114,8 @@ def margins(results: dict[str, Any]) -> dict[str, tuple[float, dict[str, float]]
   without thoughts: that run's NLL})}."""
   runs = results["runs"]
   raw = {n: r["nll_per_token"] for n, r in runs.items()
-         if not r.get("thought_trained") and r.get("nll_per_token") is not None}
+         if not r.get("thought_trained") and r.get("nll_per_token") is not None
+         and n != BASE_RUN}
   iters = sorted((i, n) for n in runs if (i := _iteration(n)) is not None)
   chosen = [n for i, n in iters if i == 0] + [n for i, n in iters[-1:] if i > 0]
   out = {}
