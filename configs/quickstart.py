@@ -1,49 +1,59 @@
-"""BoLT end to end on the built-in math corpus, sized for a 2-core laptop CPU (about 11 minutes).
+"""BoLT end to end on the built-in math corpus, sized for a 2-core laptop CPU (5 to 6 minutes).
 
   python -m latent_em.main --config=configs/quickstart.py --workdir=/tmp/bolt_quickstart
   python -m latent_em.main --config=configs/quickstart.py:ablate_k --workdir=/tmp/bolt_k1
   python -m latent_em.main --config=configs/quickstart.py:smoke --workdir=/tmp/bolt_smoke
 
-Stages (see latent_em/em/job.py): the oracle teacher writes thoughts for the warm-start stories;
-a 1M-parameter Llama is trained on them (warmstart); raw baselines train on the same raw stories;
-two EM iterations infer thoughts for the bootstrap stories with K = 4 samples per chunk and
-retrain from the same random initialisation; every run is evaluated (few-shot arithmetic
-questions answered directly and after thinking, validation NLL and ELBO_1,2,4).
+The corpus is an answer key: word problems whose answers are given bare, without the working
+("Question: Mia has 7 apples. Mia buys 5 more apples. Mia gives 3 apples to her friend. How
+many apples does Mia have now?\nAnswer: The answer is 9.", 1 to 3 equations of working per
+answer). Stages (see latent_em/em/job.py): a 1M-parameter Llama is pretrained on 3,000 other
+exercises written with their working (the base every run starts from, as the paper starts from
+a pretrained model that has read worked solutions); the oracle teacher writes the working of
+each warm-start answer as its thought, written after "Answer:"; the warm start trains on them;
+raw baselines train on the same raw exercises; two EM iterations infer thoughts for the
+bootstrap exercises with K = 4 samples per chunk and retrain from the base; every run is
+evaluated (held-out exercises answered directly and after thinking, zero-shot; validation NLL
+and ELBO_1,2,4).
 
 Variants (after the colon, comma-separated):
   ablate_k   K = 1 in the E-step (one sample, no importance resampling): the K ablation
   k=N        any K
   seed=N     the seed of the initialisation, data order and sampling (the corpus is fixed)
+  smoke      a much smaller run for tests and notebooks (about a minute or two; not a result)
+  stories    the earlier corpus: stories that state derived quantities without their working
+             ("Now she has 47 marbles."), ~2 sentences per chunk, from random initialisation,
+             2-shot questions in another wording (README § Measured, "Stories")
+Story variants (each implies `stories`; README § Measured):
   large_warmstart
              4x the warm-start stories (1,200) for 8 epochs: a warm start that reads its
-             thoughts, whose E-step writes right working (README § Measured)
+             thoughts, whose E-step writes right working
   data_constrained
              a third of the raw stories (100 warm-start + 100 bootstrap), each seen 30 times
              in the warm start and 20 times in every M-step and in raw_token_matched (about 3x
              that in raw_compute_matched): the repeated-data regime, where raw training overfits
-             (README § Measured: measured when thought-augmented runs got about two thirds
-             of their nominal passes)
+             (measured when thought-augmented runs got about two thirds of their nominal passes)
   tally      tally stories (per person a start, 3-4 changes of 2-4, then the total: every
              derived number a 3-4 step sum) cut into one chunk per story, so one thought holds
-             the whole story's working and the E-step's prompt is the whole story (README §
-             Measured, "Variants measured and not adopted")
+             the whole story's working and the E-step's prompt is the whole story
   pretrained_base
              every run starts from a base this job first pretrains on 1,500 other stories
-             written with their working (`builtin:mathcorpus/pretrain_cot`), as the paper
-             starts from a pretrained model that knows worked solutions (README § Measured)
-  smoke      a much smaller run for tests and notebooks (about a minute or two; not a result)
+             written with their working (`builtin:mathcorpus/pretrain_cot`)
 """
 from latent_em import config_defaults
+from latent_em.data import mathcorpus
 
 
 def get_config(arg=None):
   arg = config_defaults.parse_arg(arg, ablate_k=False, k=4, seed=0, smoke=False,
                                   large_warmstart=False, data_constrained=False, tally=False,
-                                  pretrained_base=False)
+                                  pretrained_base=False, stories=False)
   config = config_defaults.base()
   config.job = "em"
   config.seed = arg.seed
   k = 1 if arg.ablate_k else arg.k
+  stories = (arg.stories or arg.large_warmstart or arg.data_constrained or arg.tally
+             or arg.pretrained_base)
 
   # The same corpus for every seed: seeds differ in initialisation, data order and sampling.
   config.corpus.seed = 0
@@ -140,6 +150,37 @@ def get_config(arg=None):
       section.chunking.min_units = section.chunking.avg_units = section.chunking.max_units = 12
     config.estep.chunking.prefix_chunks = 0
     config.estep.sampling.max_gen_len = 80
+  if not stories:
+    config.corpus.exercises = True
+    config.corpus.max_steps = 3
+    # Exercises are about half a story's length: twice the documents, the same E-step chunks.
+    config.corpus.n_warmstart = 600
+    config.corpus.n_bootstrap = 640
+    # Two chunks per exercise, cut after "Answer:": the question, and the answer, whose
+    # thought (its working) comes where the latent evaluation prompt asks the model to think.
+    for section in (config.synthesis, config.estep):
+      section.chunking.min_units = section.chunking.avg_units = section.chunking.max_units = 12
+      section.chunking.break_after = mathcorpus.ANSWER_BREAK
+      section.chunking.prefix_chunks = 1
+    # The question chunk states only given numbers: it is trained with the empty thought
+    # (`SoL PRIOR EoL x`), so the model learns to think nothing there and the E-step, once it
+    # has, samples empty thoughts for it at next to no cost to the bound.
+    config.mstep_data.empty_thoughts = True
+    # Four chunks in five in the prior form (think, then write): the form the latent answer
+    # prompt asks for (seed 0: warm start 66.5% against 50.5% at 1/2; ELBO_4 -0.745 / -0.797).
+    config.mstep_data.prior_rate = 0.8
+    config.estep.sampling.max_gen_len = 48
+    config.eval.fewshot.max_gen_len = 64
+    # Every run starts from a base pretrained on 3,000 other exercises with their working
+    # written out (`pretrain_cot`): it answers 88% of the held-out questions (seed 0) by
+    # writing the working first. The question is what training on answers alone does to it.
+    config.corpus.n_pretrain = 3000
+    config.em.base_files = ("builtin:mathcorpus/pretrain_cot",)
+    config.em.base_epochs = 6.0
+    # Zero-shot: the exercise is itself the question format, and a 1M-parameter model trained
+    # on one document per context does not learn from exemplars (the base: 88% zero-shot,
+    # 8% 2-shot; README § Measured).
+    config.eval.fewshot.mathcorpus_shots = 0
   if arg.large_warmstart:
     config.corpus.n_warmstart = 1200
     config.em.warmstart_epochs = 8.0
@@ -153,6 +194,9 @@ def get_config(arg=None):
     config.em.base_files = ("builtin:mathcorpus/pretrain_cot",)
     config.em.base_epochs = 3.0
   if arg.smoke:
+    if not stories:
+      config.corpus.n_pretrain = 60
+      config.em.base_epochs = 1.0
     config.corpus.n_warmstart = 40
     config.corpus.n_bootstrap = 40
     config.corpus.n_validation = 12

@@ -1,5 +1,7 @@
 """Tests for latent_em.data.chunking: units, chunk lengths, determinism, (prefix, suffix) pairs."""
+import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -292,6 +294,8 @@ def test_pairs_examples():
     ({"unit": "line"}, "config.chunking.unit"),
     ({"prefix_chunks": -1}, "config.chunking.prefix_chunks"),
     ({"max_unit": 5}, "config.chunking.max_unit"),
+    ({"break_after": "(Answer"}, "config.chunking.break_after"),
+    ({"break_after": "x*"}, "config.chunking.break_after"),
 ])
 def test_bad_config_names_the_key(section, key):
   with pytest.raises(config_lib.ConfigError, match=re.escape(key)):
@@ -301,3 +305,41 @@ def test_bad_config_names_the_key(section, key):
 def test_config_section_accepted():
   section = {"unit": "word", "min_units": 2, "avg_units": 2, "max_units": 2}
   assert chunking.chunk_document("a b c d e", section) == ["a b", " c d", " e"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Forced breaks.
+
+
+@SETTINGS
+@hypothesis.given(texts, configs(), st.sampled_from([r"\n", r"[.!?]", r"e"]))
+def test_break_after_ends_a_chunk_after_every_match(text, cfg, pattern):
+  cfg = dataclasses.replace(cfg, break_after=pattern)
+  chunks = chunking.chunk_document(text, cfg)
+  if not text.strip():
+    assert chunks == []
+    return
+  assert "".join(chunks) == text
+  ends = set(itertools.accumulate(len(c) for c in chunks))
+  for m in re.finditer(pattern, text):
+    # Every match ends a chunk, unless only whitespace lies on one side of it.
+    if text[:m.end()].strip() and text[m.end():].strip():
+      assert m.end() in ends, (text, m.end(), chunks)
+  # Between two breaks the usual law holds: no chunk longer than max_units units.
+  for chunk in chunks:
+    assert len(chunking.split_units(chunk, cfg.unit)) <= cfg.max_units
+
+
+def test_break_after_puts_the_answer_of_a_question_in_its_own_chunk():
+  text = ("Question: Mia has 7 apples. Mia buys 5 more apples. How many apples does Mia have "
+          "now?\nAnswer: The answer is 12.")
+  cfg = {"min_units": 12, "avg_units": 12, "max_units": 12, "break_after": r"\nAnswer:"}
+  assert chunking.chunk_document(text, cfg) == [text[:-len(" The answer is 12.")],
+                                                " The answer is 12."]
+  # Without it the whole exercise is one chunk; and "" changes nothing, draw for draw.
+  assert chunking.chunk_document(text, {**cfg, "break_after": ""}) == [text]
+  story = "A b. C d. E f. G h. I j. K l. M n. O p. Q r. S t."
+  for seed in range(5):
+    plain = {"min_units": 1, "avg_units": 2, "max_units": 4, "seed": seed}
+    assert (chunking.chunk_document(story, {**plain, "break_after": ""})
+            == chunking.chunk_document(story, plain))

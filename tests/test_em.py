@@ -141,6 +141,9 @@ def test_report_schema_table_plots_and_aggregate(tmp_path):
   # em_iter_1: NLL 1.4 and -ELBO_4 = 1.8 -> 1.4; raw_token_matched NLL 1.1; warm start 1.2.
   assert "- warmstart 1.200: behind raw_token_matched (1.100) by 0.100" in table
   assert "- em_iter_1 1.400: behind raw_token_matched (1.100) by 0.300" in table
+  # Accuracy: a thought-trained run's latent answers against the others' direct answers.
+  assert "- em_iter_1 40.0%: ahead of raw_token_matched (5.0%) by 35.0 points" in table
+  assert table.index(report.ACCURACY_HEAD) < table.index(report.COMPARISON_HEAD)
   assert report.best_bound({"nll_per_token": 1.4, "elbo_per_token": {"1": -1.5, "4": -1.3}}) == 1.3
   two = _fake_results({"em_iter_1": 0.4, "em_iter_2": 0.3, "raw_compute_matched": 0.5})
   assert report.comparisons(two) == [
@@ -148,6 +151,10 @@ def test_report_schema_table_plots_and_aggregate(tmp_path):
   worse = _fake_results({"em_iter_1": 0.4, "em_iter_2": 0.6, "raw_compute_matched": 0.5})
   assert report.aggregate_comparisons([two, worse]) == [
       "em_iter_2 1.450: ahead of raw_compute_matched (1.500) by 0.050 (ahead in 1 of 2)"]
+  assert report.aggregate_comparisons([two, worse], "accuracy") == [
+      "em_iter_2 45.0%: ahead of raw_compute_matched (25.0%) by 20.0 points (ahead in 2 of 2)"]
+  with pytest.raises(ValueError, match="metric"):
+    report.margins(two, "bleu")
   for png in ("accuracy.png", "iterations.png"):
     assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"
   agg = report.aggregate([res, _fake_results({"warmstart": 0.4, "raw_token_matched": 0.3,
@@ -173,16 +180,17 @@ def test_em_config_errors_name_the_key():
 
 
 def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
-  """The whole loop through the CLI on a few dozen stories; a rerun redoes nothing."""
+  """The whole loop through the CLI on a few dozen exercises; a rerun redoes nothing."""
   workdir, out = em_smoke
   args = ["--config=configs/quickstart.py:smoke", f"--workdir={workdir}"]
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
-  names = ["warmstart", "raw_token_matched", "em_iter_1", "raw_compute_matched", "em_iter_2"]
+  names = ["base", "warmstart", "raw_token_matched", "em_iter_1", "raw_compute_matched",
+           "em_iter_2"]
   assert sorted(res["runs"]) == sorted(names)
   for name, r in res["runs"].items():
     assert 0.0 <= r["accuracy"] <= 1.0 and np.isfinite(r["nll_per_token"])
-    thought = not name.startswith("raw")
+    thought = not name.startswith(("raw", "base"))
     assert (r["latent_accuracy"] is not None) == thought
     assert (sorted(r["elbo_per_token"]) == ["1", "2", "4"]) == thought
   runs = res["runs"]
@@ -207,6 +215,9 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   recs = list(records.read_records(os.path.join(workdir, "estep", "iter_1", "estep",
                                                 "records-*.tfrecord")))
   assert recs and all(len(c.log_weights) == 4 for r in recs for c in r.chunks)
+  # Each exercise is two chunks, cut after its answer cue: the thought sits before the answer.
+  assert all(len(r.chunks) == 2 and r.chunks[0].suffix.endswith("\nAnswer:")
+             and r.chunks[1].suffix.startswith(" The answer is ") for r in recs)
   # Thought arithmetic: the teacher's working is right; an E-step's share is recomputed here.
   assert runs["warmstart"]["thought_arithmetic"] == 1.0
   want = mathcorpus.thought_arithmetic(c.thought for r in recs for c in r.chunks)["fraction"]
@@ -218,16 +229,17 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   assert "thought_explains" not in runs["raw_token_matched"]
   proc = run_main(args, timeout=600)
   again = proc.stdout + proc.stderr
-  assert again.count("skipping") >= 12 and "] starting" not in again
+  assert again.count("skipping") >= 14 and "] starting" not in again
   # A changed setup is refused, naming the stage, instead of mixing two experiments.
   proc = run_main(args + ["--config.estep.num_samples=2"], timeout=600, check=False)
   assert proc.returncode != 0
   assert "stage 'estep/iter_1'" in proc.stderr and "changed: config" in proc.stderr
 
 
-@pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=8",
-                                     "large_warmstart,ablate_k", "data_constrained",
-                                     "tally,large_warmstart", "tally", "pretrained_base"])
+@pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=8", "stories",
+                                     "stories,smoke", "large_warmstart,ablate_k",
+                                     "data_constrained", "tally,large_warmstart", "tally",
+                                     "pretrained_base"])
 def test_quickstart_variants_validate(variant):
   import importlib.util
   from conftest import REPO
@@ -240,21 +252,30 @@ def test_quickstart_variants_validate(variant):
   assert config.job == "em" and config.em.iterations >= 2
   k = {"ablate_k": 1, "seed=2,k=8": 8, "large_warmstart,ablate_k": 1}.get(variant, 4)
   assert config.estep.num_samples == k
-  # (warm-start stories, bootstrap stories, warm-start passes, M-step passes)
+  # The default is the exercise corpus with its worked base; `stories` and every story
+  # variant the story corpus.
+  stories = variant not in (None, "ablate_k", "smoke", "seed=2,k=8")
+  assert config.corpus.exercises == (not stories)
+  # (warm-start documents, bootstrap documents, warm-start passes, M-step passes)
   sizes = {"large_warmstart,ablate_k": (1200, 320, 8.0, 2.0),
            "tally,large_warmstart": (1200, 320, 8.0, 2.0), "smoke": (40, 40, 1.0, 1.0),
-           "data_constrained": (100, 100, 30.0, 20.0)}.get(variant, (300, 320, 7.0, 2.0))
+           "stories,smoke": (40, 40, 1.0, 1.0),
+           "data_constrained": (100, 100, 30.0, 20.0)}.get(
+               variant, (300, 320, 7.0, 2.0) if stories else (600, 640, 7.0, 2.0))
   assert (config.corpus.n_warmstart, config.corpus.n_bootstrap, config.em.warmstart_epochs,
           config.em.mstep_epochs) == sizes
   # Teacher and E-step cut documents the same way.
-  for key in ("unit", "min_units", "avg_units", "max_units"):
+  for key in ("unit", "min_units", "avg_units", "max_units", "break_after"):
     assert config.synthesis.chunking[key] == config.estep.chunking[key]
   assert config.corpus.tally == bool(variant and variant.startswith("tally"))
-  assert bool(config.em.base_files) == (variant == "pretrained_base")
+  assert bool(config.em.base_files) == (variant == "pretrained_base" or not stories)
   if config.em.base_files:
     assert config.corpus.n_pretrain > 0 and config.em.base_epochs > 0 and not config.em.base
   if config.corpus.tally:  # one chunk per story: every tally story has at most 12 sentences
     assert config.estep.chunking.min_units == 12 and config.estep.chunking.prefix_chunks == 0
+  if config.corpus.exercises:  # a chunk ends after each answer cue; questions zero-shot
+    assert config.estep.chunking.break_after == mathcorpus.ANSWER_BREAK
+    assert config.eval.fewshot.mathcorpus_shots == 0 and config.mstep_data.empty_thoughts
 
 
 @pytest.mark.parametrize("variant", [None, "teacher", "warmstart", "estep", "mstep", "raw", "wrap",
@@ -316,7 +337,7 @@ def test_stages_reuse_identical_stages_from_another_workdir(tmp_path):
 def test_em_raw_fresh_and_wrap_cot_baselines(tmp_path):
   """The other baselines, matched to em_iter_1's training tokens (smoke size, 1 iteration)."""
   workdir = str(tmp_path / "em")
-  run_main(["--config=configs/quickstart.py:smoke", f"--workdir={workdir}",
+  run_main(["--config=configs/quickstart.py:stories,smoke", f"--workdir={workdir}",
             "--config.em.iterations=1", "--config.em.evaluate=False",
             "--config.em.baselines=('raw_fresh','wrap_cot')", "--config.corpus.n_fresh=20",
             "--config.em.fresh_files=('builtin:mathcorpus/fresh',)"], timeout=1500)

@@ -464,3 +464,93 @@ def test_tally_stories_derive_only_multi_step_totals(max_steps, max_change):
       assert int(eqs[-1][3]) == doc.facts[end][0].nums[0]
       assert all(int(x) <= cfg.max_value for eq in eqs for x in eq[::2] + (eq[3],))
     assert [t is None for t in doc.oracle_thoughts] == [k != ("state",) for k in kinds]
+
+
+# ------------------------------------------------------------------------------- exercises
+
+EXERCISES = mc.CorpusConfig(exercises=True, plain=True, max_operand=10, max_value=20,
+                            max_steps=3, n_names=4, n_objects=4, n_warmstart=80,
+                            n_bootstrap=80, n_validation=20, n_eval=60, n_fewshot=8,
+                            n_pretrain=10)
+_FACTORS = {"twice": 2, "three times": 3, "four times": 4}
+
+
+def _solve_exercise(question):
+  """Solves a plain exercise from its words alone (independent of the generator's facts)."""
+  body = question[len("Question: "):question.index("\nAnswer:")]
+  value, split = {}, None
+  for s in re.findall(r"[^.?]+[.?]", body):
+    s = s.strip()
+    who, nums = s.split()[0], _numbers(s)
+    if m := re.fullmatch(r"(\w+) has (\d+) \w+\.", s):
+      value[who] = int(m[2])
+    elif m := re.fullmatch(r"\w+ has \d+ (more|fewer) \w+ than (\w+)\.", s):
+      value[who] = value[m[2]] + (nums[0] if m[1] == "more" else -nums[0])
+    elif m := re.fullmatch(r"\w+ has (twice|three times|four times|half) as many \w+ as (\w+)\.",
+                           s):
+      value[who] = value[m[2]] // 2 if m[1] == "half" else value[m[2]] * _FACTORS[m[1]]
+    elif m := re.fullmatch(r"How many \w+ do (\w+) and (\w+) have together\?", s):
+      return value[m[1]] + value[m[2]]
+    elif m := re.fullmatch(r"How many more \w+ does (\w+) have than (\w+)\?", s):
+      return value[m[1]] - value[m[2]]
+    elif re.fullmatch(r"How many \w+ are in each \w+\?", s):
+      return value[split[0]] // split[1]
+    elif m := re.fullmatch(r"How many \w+ does (\w+) have(?: now)?\?", s):
+      return value[m[1]]
+    elif "puts all of" in s:
+      split = (who, nums[0])
+    else:  # a change: "gives" takes away, anything else adds; "3 bags with 4 in each" is 12
+      delta = nums[0] * nums[1] if len(nums) == 2 else nums[0]
+      value[who] += -delta if " gives " in s else delta
+  raise AssertionError(f"no question in {question!r}")
+
+
+def test_exercises_are_answer_keys_the_oracle_works_out():
+  rng = random.Random(7)
+  docs = [mc.generate_document(rng, EXERCISES) for _ in range(300)]
+  asks = collections.Counter()
+  for doc in docs:
+    question, cue, answer = doc.text.rpartition("\nAnswer:")
+    assert doc.text.startswith("Question: ") and cue and re.fullmatch(r" The answer is \d+\.",
+                                                                       answer), doc.text
+    assert mc.split_sentences(doc.text) == doc.sentences
+    assert mc.parse_sentences(doc.sentences) == [tuple(r) for r in doc.facts], doc.text
+    value = int(_numbers(answer)[0])
+    # The answer is computed, never copied: it is written nowhere in the question.
+    assert value == _solve_exercise(question + cue) and value not in _numbers(question)
+    # Only the answer is derived; its working is 1 to max_steps right equations ending in it.
+    assert [t is None for t in doc.oracle_thoughts] == [True] * (len(doc.sentences) - 1) + [False]
+    eqs = EQUATION.findall(doc.oracle_thoughts[-1])
+    assert 1 <= len(eqs) <= EXERCISES.max_steps and int(eqs[-1][3]) == value
+    assert all(OPS[op](int(a), int(b)) == int(c) for a, op, b, c in eqs)
+    asks[re.sub(r"\b(%s)\b" % "|".join(mc.FEMALE + mc.MALE + mc.OBJECTS + ("dollars",)), "X",
+                re.sub(r"each \w+\?", "each C?", doc.sentences[-3].strip()))] += 1
+    # Cut after "Answer:", an exercise is two chunks; the oracle writes the working for the
+    # answer, given the question, and nothing for the question.
+    cfg = {"min_units": 12, "avg_units": 12, "max_units": 12, "break_after": mc.ANSWER_BREAK}
+    first, second = chunking.chunk_document(doc.text, cfg)
+    assert first == question + cue
+    assert mc.oracle_thought(first, second) == doc.oracle_thoughts[-1]
+    assert mc.oracle_thought("", first) is None
+  # Every kind of question is asked, most often how many one person has now.
+  assert set(asks) == {"How many X does X have now?", "How many X do X and X have together?",
+                       "How many more X does X have than X?", "How many X are in each C?"}, asks
+  assert asks.most_common(1)[0][0] == "How many X does X have now?"
+
+
+def test_exercise_splits_evaluate_held_out_questions():
+  splits = mc.make_splits(EXERCISES)
+  questions = {r["text"][:r["text"].rindex("\nAnswer:") + len("\nAnswer:")]
+               for name in mc.TEXT_SPLITS + ("pretrain_cot",) for r in splits[name]}
+  for row in splits["eval"] + splits["fewshot"]:
+    assert row["question"].endswith("\nAnswer:") and row["question"] not in questions
+    assert int(row["answer"]) == _solve_exercise(row["question"])
+    eqs = EQUATION.findall(row["solution"])
+    assert len(eqs) == row["steps"] and all(OPS[op](int(a), int(b)) == int(c)
+                                            for a, op, b, c in eqs)
+    assert row["solution"].endswith(f"{eqs[-1][3]}. The answer is {row['answer']}.")
+  # The worked base corpus writes the working after the cue, before the answer.
+  cot = splits["pretrain_cot"][0]["text"]
+  assert re.search(r"\nAnswer: .*\d+ [-+*/] \d+ = \d+\. The answer is \d+\.$", cot), cot
+  with pytest.raises(config_lib.ConfigError, match=r"config\.corpus\.exercises"):
+    mc.CorpusConfig(exercises=True, tally=True)

@@ -37,6 +37,10 @@ class ChunkConfig:
     prefix_chunks: how many preceding chunks form the prefix of a (prefix, suffix) pair
       (1 for teacher prompts, 3 for the E-step).
     seed: added to the text hash; changing it re-draws every document's chunk lengths.
+    break_after: a regular expression; a chunk always ends right after each of its matches
+      (which also ends a unit there), and lengths are drawn afresh after it. "" = none. For
+      question-answer text, r"\nAnswer:" puts a thought between a question and its answer,
+      where the latent evaluation prompt asks the model to think.
   """
   unit: str = "sentence"
   min_units: int = 1
@@ -44,6 +48,7 @@ class ChunkConfig:
   max_units: int = 20
   prefix_chunks: int = 3
   seed: int = 0
+  break_after: str = ""
 
   def __post_init__(self):
     key = "config.chunking"
@@ -56,6 +61,13 @@ class ChunkConfig:
                      f"{self.min_units} / {self.avg_units} / {self.max_units}")
     config_lib.check(self.prefix_chunks >= 0, f"{key}.prefix_chunks",
                      f"must be >= 0, got {self.prefix_chunks}")
+    try:
+      pattern = re.compile(self.break_after)
+    except re.error as e:
+      raise config_lib.ConfigError(f"{key}.break_after: {self.break_after!r} is not a regular "
+                                   f"expression ({e})") from None
+    config_lib.check(not self.break_after or not pattern.match(""), f"{key}.break_after",
+                     f"{self.break_after!r} matches the empty string; it must match text")
 
 
 def _as_config(cfg: Any) -> ChunkConfig:
@@ -261,14 +273,31 @@ def chunk_document(text: str, cfg: Any) -> list[str]:
   cfg = _as_config(cfg)
   if not text.strip():
     return []
-  units = split_units(text, cfg.unit)
   rng = np.random.default_rng(stable_seed(text, cfg.seed))
   chunks = []
-  pos = 0
-  for n in chunk_lengths(len(units), cfg, rng):
-    chunks.append("".join(units[pos:pos + n]))
-    pos += n
+  for segment in _segments(text, cfg.break_after):
+    units = split_units(segment, cfg.unit)
+    pos = 0
+    for n in chunk_lengths(len(units), cfg, rng):
+      chunks.append("".join(units[pos:pos + n]))
+      pos += n
   return chunks
+
+
+def _segments(text: str, break_after: str) -> list[str]:
+  """`text` cut after every match of `break_after` (whole text if ""); no piece is empty, and
+  a whitespace-only piece joins its neighbour, as units do."""
+  if not break_after:
+    return [text]
+  cuts = sorted({m.end() for m in re.finditer(break_after, text)} - {0, len(text)})
+  pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+  out: list[str] = []
+  for piece in pieces:
+    if out and (not piece.strip() or not out[-1].strip()):
+      out[-1] += piece
+    else:
+      out.append(piece)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,14 @@ Arithmetic stays where a model of a few million parameters can learn it step by 
 numbers up to `max_operand`, every value up to `max_value`, one operation per equation and at
 most `max_steps` equations per derived quantity. Every sentence ends with "." and holds no other
 sentence terminator, so `chunking.split_units(text, "sentence")` returns `Document.sentences`.
+
+With `exercises`, every document is instead a word problem with a bare answer, as in an answer
+key: "Question: Mia has 7 apples. Mia buys 5 more apples. How many apples does Mia have
+now?\nAnswer: The answer is 12." The question ends with "?", and the answer cue "\nAnswer:" is
+a sentence of its own here (chunking cuts after it with `break_after=ANSWER_BREAK`), so the
+answer's working is the thought of a chunk that starts right after the cue: where the latent
+evaluation prompt (`<question> SoL PRIOR`) asks the model to think. The held-out questions are
+then exercises too (`exercise_question`).
 """
 from __future__ import annotations
 
@@ -63,6 +71,13 @@ class CorpusConfig:
   # fewer) before the story states it, so every derived number is a multi-step computation
   # over numbers all written earlier; nothing else is derived.
   tally: bool = False
+  # Exercises: every document is one word problem in the corpus' own wording, a question and
+  # its bare answer ("Question: ... How many marbles does Mia have now?\nAnswer: The answer is
+  # 12."), of the evaluation's five kinds (chain, relation, sum, difference, split), the
+  # working of its 1 to `max_steps` equations never shown: an answer key. The thought of the
+  # answer is its working, written after "Answer:" where the latent evaluation prompt asks the
+  # model to think (`config.*.chunking.break_after`).
+  exercises: bool = False
 
   def __post_init__(self):
     key = "config.corpus"
@@ -81,6 +96,8 @@ class CorpusConfig:
                      f"{self.max_value}")
     config_lib.check(20 <= self.max_value <= 999, f"{key}.max_value",
                      f"must be in [20, 999] (1-3 digit arithmetic), got {self.max_value}")
+    config_lib.check(not (self.tally and self.exercises), f"{key}.exercises",
+                     "tally and exercises exclude each other: set one")
     config_lib.check(self.max_change == 0 or 3 <= self.max_change <= self.max_operand,
                      f"{key}.max_change",
                      f"must be 0 (= max_operand) or in [3, max_operand={self.max_operand}], "
@@ -264,7 +281,16 @@ _TEMPLATES: tuple[_Template, ...] = (
     _t("part", "Every {c} {gets|got} {v} {obj}."),
     _t("split+part", "{S} {puts|put} {pos} {obj} into {g} equal {cs}, so each {c} {holds|held} {v} "
        "{obj}."),
+    # Exercises: the question names what the answer states; `op` is the derived fact's kind.
+    _t("ask", "How many {obj} does {S} have now?", op="state"),
+    _t("ask", "How many {obj} does {S} have?", op="state"),
+    _t("ask", "How many {obj} do {S} and {O} have together?", op="sum"),
+    _t("ask", "How many more {obj} does {S} have than {O}?", op="more"),
+    _t("ask", "How many {obj} are in each {c}?", op="part"),
+    _t("cue", "Answer:"),
+    _t("answer", "The answer is {v}."),
 )
+QUESTION_LEAD = "Question: "   # the first sentence of an exercise starts with it
 
 _NAME_RE = "|".join(sorted(FEMALE + MALE, key=len, reverse=True))
 _SLOT_RE = {
@@ -338,11 +364,17 @@ def _render(tpl: _Template, slots: dict[str, str], past: bool, connective: str =
 
 # ------------------------------------------------------------------------------------- parsing
 
-_SENTENCE_END = re.compile(r"[.!?](?=\s)")
+_SENTENCE_END = re.compile(r"[.!?](?=\s)|(?<=\nAnswer:)(?=\s)")
+# What `config.*.chunking.break_after` names for exercises: a chunk ends after the answer cue.
+ANSWER_CUE = "\nAnswer:"
+ANSWER_BREAK = r"\nAnswer:"   # as a regular expression
 
 
 def split_sentences(text: str) -> list[str]:
-  """Sentences of a story; whitespace travels with the following sentence (DESIGN.md §3)."""
+  """Sentences of a story; whitespace travels with the following sentence (DESIGN.md §3).
+
+  An exercise's answer cue ("\nAnswer:") is a sentence of its own.
+  """
   cuts = [0] + [m.end() for m in _SENTENCE_END.finditer(text)] + [len(text)]
   return [text[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
@@ -350,6 +382,8 @@ def split_sentences(text: str) -> list[str]:
 def _match(sentence: str) -> tuple[_Template, dict[str, str]] | None:
   """The template a sentence was written from, and its slot values (None: not a story line)."""
   sentence = sentence.strip()
+  if sentence.startswith(QUESTION_LEAD):
+    sentence = sentence[len(QUESTION_LEAD):]
   found = None
   for tpl, regex in _COMPILED:
     m = regex.fullmatch(sentence)
@@ -389,7 +423,13 @@ def _facts_from_match(tpl: _Template, slots: dict[str, str], who: str | None,
   unit = slots.get("c") or _PLURAL_TO_SINGULAR.get(slots.get("cs", ""))
   facts = []
   for kind in tpl.kinds:
-    if kind == "mention":
+    if kind in ("mention", "cue"):
+      continue
+    if kind == "ask":
+      facts.append(Fact("ask", who, obj, (), tpl.op, other, unit))
+      continue
+    if kind == "answer":
+      facts.append(Fact("answer", None, None, (int(slots["v"]),)))
       continue
     if kind == "relation":
       if tpl.op in ("more", "fewer"):
@@ -428,7 +468,34 @@ def parse_sentences(sentences: Sequence[str]) -> list[tuple[Fact, ...]]:
     who = _resolve(slots.get(tpl.who), i, names)
     other = _resolve(slots.get(tpl.other), i, names) if tpl.other != tpl.who else None
     out.append(_facts_from_match(tpl, slots, who, other))
+  return _answered(out)
+
+
+def _answered(rows: list[tuple[Fact, ...]]) -> list[tuple[Fact, ...]]:
+  """An exercise's answer states the derived fact its question asked for; the question itself
+  states nothing."""
+  out, asked = [], None
+  for row in rows:
+    new = []
+    for f in row:
+      if f.kind == "ask":
+        asked = f
+      elif f.kind == "answer":
+        if asked is not None:
+          new.append(_answer_fact(asked, f.nums[0]))
+        asked = None
+      else:
+        new.append(f)
+    out.append(tuple(new))
   return out
+
+
+def _answer_fact(ask: Fact, value: int) -> Fact:
+  if ask.op == "state":
+    return Fact("state", ask.who, ask.obj, (value,))
+  if ask.op == "part":
+    return Fact("part", None, ask.obj, (value,), unit=ask.unit)
+  return Fact("compare", ask.who, ask.obj, (value,), ask.op, ask.other)
 
 
 # ------------------------------------------------------------------------------- the working
@@ -787,9 +854,11 @@ class _Story:
                v=v)
     return True
 
-  def introduce(self) -> bool:
+  def introduce(self, relation: bool = False) -> bool:
+    """Introduces the second person: a given value, or (always with `relation`) one relative
+    to the first person's current value, whose working then includes that value's."""
     p, q, rng, cfg = self.p, self.q, self.rng, self.cfg
-    if rng.random() < 0.35 or self.cost[p]:
+    if not relation and (rng.random() < 0.35 or self.cost[p]):
       self.value[q], self.cost[q] = rng.randint(5, cfg.max_operand), 0
       self._emit(self._template("init"), [Fact("init", q, self.obj, (self.value[q],))], q,
                  n=self.value[q])
@@ -808,9 +877,9 @@ class _Story:
       v = k * ref
     else:
       k, v = (2, ref // 2) if ref % 2 == 0 else (0, 0)
-    if not k or not self._fresh(v) or v == k:
+    if not k or not self._fresh(v) or v == k or self.cost[p] + 1 > cfg.max_steps:
       return False
-    self.value[q], self.cost[q] = v, 1
+    self.value[q], self.cost[q] = v, self.cost[p] + 1
     numbers = {"f": k} if op in ("times", "half") else {"k": k}
     self._emit(self._template("relation", op), [Fact("relation", q, self.obj, (k,), op, p)], q,
                other=p, **numbers)
@@ -858,6 +927,64 @@ class _Story:
     return True
 
 
+  def ask(self, op: str, value: int, who: str, other: str | None = None) -> bool:
+    """An exercise's end: the question, the answer cue on a new line, and the bare answer."""
+    if not self._fresh(value):
+      return False
+    self._emit(self._template("ask", op), [], who, other=other)
+    self.sentences.append("\nAnswer:")
+    self.facts.append(())
+    unit = self.container[0] if op == "part" else None
+    self._emit(self._template("answer"),
+               [_answer_fact(Fact("ask", who, self.obj, (), op, other, unit), value)], who,
+               v=value)
+    return True
+
+
+EXERCISE_WEIGHTS = {"chain": 4, "relation": 2, "sum": 1, "difference": 1, "split": 1}
+
+
+def _build_exercise(rng: random.Random, cfg: CorpusConfig, kind: str | None = None
+                    ) -> Document | None:
+  """One attempt at an exercise of `kind` (None: random, EXERCISE_WEIGHTS)."""
+  st = _Story(rng, cfg)
+  p, q = st.p, st.q
+  kind = kind or rng.choices(list(EXERCISE_WEIGHTS), list(EXERCISE_WEIGHTS.values()))[0]
+  st.init(p)
+  steps = rng.randint(2, cfg.max_steps) if kind == "chain" else rng.randint(0, 1)
+  while st.cost[p] < steps:
+    if not st.event(p, groups_ok=kind == "chain"):
+      return None
+  if kind == "chain":
+    ok = st.ask("state", st.value[p], p)
+  elif kind == "relation":
+    ok = st.introduce(relation=True) and st.ask("state", st.value[q], q)
+  elif kind in ("sum", "difference"):
+    if not st.introduce(relation=rng.random() < 0.3):
+      return None
+    a, b = st.value[p], st.value[q]
+    if st.cost[p] + st.cost[q] + 1 > cfg.max_steps or a == b:
+      return None
+    if kind == "sum":
+      first, second = (p, q) if rng.random() < 0.5 else (q, p)
+      ok = st.ask("sum", a + b, first, second)
+    else:
+      ok = st.ask("more", abs(a - b), *((p, q) if a > b else (q, p)))
+  else:
+    v = st.value[p]
+    options = [g for g in range(2, 10) if v % g == 0 and v // g >= 2 and g != v // g]
+    if not options:
+      return None
+    g = rng.choice(options)
+    st._emit(st._template("split"), [Fact("split", p, st.obj, (g,), unit=st.container[0])], p,
+             g=g)
+    ok = st.ask("part", v // g, p)
+  if not ok:
+    return None
+  st.sentences[0] = QUESTION_LEAD + st.sentences[0]
+  return _validated(st, cfg)
+
+
 def _build_tally(rng: random.Random, cfg: CorpusConfig) -> Document | None:
   """One attempt at a tally story: per person, a starting value, changes, the stated result."""
   st = _Story(rng, cfg)
@@ -875,6 +1002,8 @@ def _build(rng: random.Random, cfg: CorpusConfig) -> Document | None:
   """One attempt at a story; None when it came out too short or breaks a corpus property."""
   if cfg.tally:
     return _build_tally(rng, cfg)
+  if cfg.exercises:
+    return _build_exercise(rng, cfg)
   st = _Story(rng, cfg)
   p, q = st.p, st.q
   target = rng.randint(4, 9)
@@ -909,7 +1038,7 @@ def _build(rng: random.Random, cfg: CorpusConfig) -> Document | None:
 def _validated(st: _Story, cfg: CorpusConfig) -> Document | None:
   n = len(st.sentences)
   words = sum(len(s.split()) for s in st.sentences)
-  if not 4 <= n <= (12 if cfg.tally else 10) or not 35 <= words <= 150:
+  if not 4 <= n <= (12 if cfg.tally else 10) or not (20 if cfg.exercises else 35) <= words <= 150:
     return None
   thoughts = _thoughts(st.facts)
   seen: set[int] = set()
@@ -1051,6 +1180,16 @@ def _question(rng: random.Random, cfg: CorpusConfig, kind: str) -> dict[str, Any
           "steps": len(eqs)}
 
 
+def exercise_question(doc: Document) -> dict[str, Any]:
+  """An exercise as a question record: the text up to "Answer:" is the question, the oracle's
+  equations and "The answer is N." the solution."""
+  working = " ".join(_eq(int(a), op, int(b), int(c))
+                     for a, op, b, c in _EQUATION.findall(doc.oracle_thoughts[-1]))
+  answer = derived_numbers(doc.sentences)[-1]
+  return {"question": "".join(doc.sentences[:-1]), "solution": f"{working} The answer is {answer}.",
+          "answer": str(answer), "steps": len(_EQUATION.findall(working))}
+
+
 def generate_question(rng: random.Random, cfg: CorpusConfig | None = None,
                       kind: str | None = None) -> dict[str, Any]:
   """A question record {"question", "solution", "answer", "steps"}; `kind` in QUESTION_KINDS.
@@ -1063,7 +1202,11 @@ def generate_question(rng: random.Random, cfg: CorpusConfig | None = None,
     raise ValueError(f"question kind {kind!r} is not one of {list(QUESTION_KINDS)}")
   for _ in range(1000):
     k = kind or rng.choices(QUESTION_KINDS, (4, 2, 1, 1, 1))[0]
-    record = _question(rng, cfg, k)
+    if cfg.exercises:
+      doc = _build_exercise(rng, cfg, k)
+      record = exercise_question(doc) if doc is not None else None
+    else:
+      record = _question(rng, cfg, k)
     if record is not None:
       return record
   raise RuntimeError(f"no valid question of kind {kind!r} in 1000 attempts")
@@ -1093,8 +1236,9 @@ def make_splits(cfg: CorpusConfig | Any = None) -> dict[str, list[dict[str, Any]
     rows = splits[name] = []
     while len(rows) < getattr(cfg, f"n_{name}"):
       text = generate_document(rng, cfg).text
-      if text not in seen:
-        seen.add(text)
+      question = text[:text.rfind(ANSWER_CUE) + len(ANSWER_CUE)] if cfg.exercises else text
+      if text not in seen and question not in seen:
+        seen.update((text, question))
         rows.append({"id": f"{name}-{len(rows):06d}", "text": text})
   splits["pretrain_cot"] = [{"id": f"pretrain_cot-{i:06d}", "text": oracle_cot("", r["text"])}
                             for i, r in enumerate(splits["pretrain"])]

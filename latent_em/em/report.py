@@ -95,9 +95,7 @@ def table(results: dict[str, Any]) -> str:
   if len(constant) == 1:
     lines.append(f"\nAlways giving the most common gold answer scores "
                  f"{_fmt(constant.pop(), True)}% accuracy.")
-  verdicts = comparisons(results)
-  if verdicts:
-    lines += ["", COMPARISON_HEAD] + [f"- {v}" for v in verdicts]
+  lines += comparison_lines([results])
   return "\n".join(lines)
 
 
@@ -109,18 +107,35 @@ def best_bound(run: dict[str, Any]) -> float | None:
   return min(values) if values else None
 
 
-def margins(results: dict[str, Any]) -> dict[str, tuple[float, dict[str, float]]]:
-  """{thought-trained run (warm start, last EM iteration): (its `best_bound`, {run trained
-  without thoughts: that run's NLL})}."""
-  runs = results["runs"]
-  raw = {n: r["nll_per_token"] for n, r in runs.items()
-         if not r.get("thought_trained") and r.get("nll_per_token") is not None
-         and n != BASE_RUN}
+def _chosen(runs: dict[str, Any]) -> list[str]:
+  """The thought-trained runs compared: the warm start and the last EM iteration."""
   iters = sorted((i, n) for n in runs if (i := _iteration(n)) is not None)
-  chosen = [n for i, n in iters if i == 0] + [n for i, n in iters[-1:] if i > 0]
+  return [n for i, n in iters if i == 0] + [n for i, n in iters[-1:] if i > 0]
+
+
+# How each metric reads a thought-trained run and a run trained without thoughts.
+METRICS = ("nats", "accuracy")
+
+
+def margins(results: dict[str, Any], metric: str = "nats"
+            ) -> dict[str, tuple[float, dict[str, float]]]:
+  """{thought-trained run (warm start, last EM iteration): (its value, {run trained without
+  thoughts: that run's value})}.
+
+  metric "nats": a thought-trained run's `best_bound` against the others' NLL per token (lower
+  is better); "accuracy": its latent-variant accuracy (it thinks, then answers) against the
+  others' accuracy (they answer directly; higher is better).
+  """
+  if metric not in METRICS:
+    raise ValueError(f"metric {metric!r} is not one of {list(METRICS)}")
+  runs = results["runs"]
+  theirs_key, ours_fn = (("nll_per_token", best_bound) if metric == "nats" else
+                         ("accuracy", lambda r: r.get("latent_accuracy")))
+  raw = {n: r[theirs_key] for n, r in runs.items()
+         if not r.get("thought_trained") and r.get(theirs_key) is not None and n != BASE_RUN}
   out = {}
-  for name in chosen:
-    ours = best_bound(runs[name])
+  for name in _chosen(runs):
+    ours = ours_fn(runs[name])
     if ours is not None and raw:
       out[name] = (ours, raw)
   return out
@@ -130,36 +145,54 @@ COMPARISON_HEAD = ("Nats per validation token against the runs trained without t
                    "is better; a thought-trained run counts the least of its NLL and -ELBO_k, "
                    "each an upper bound on its -log p(x); ELBO_k is measured on the first "
                    "config.em.eval_elbo_docs validation documents; over several workdirs, means):")
+ACCURACY_HEAD = ("Accuracy on the held-out questions against the runs trained without thoughts "
+                 "(higher is better; a thought-trained run thinks, then answers (the latent "
+                 "variant), the others answer directly; over several workdirs, means):")
 
 
-def aggregate_comparisons(results: Sequence[dict[str, Any]]) -> list[str]:
-  """One line per entry of `margins` over one or more experiments (seeds): the run's mean nats
-  per token, ahead of or behind each baseline trained without thoughts, by how much, and (for
+def aggregate_comparisons(results: Sequence[dict[str, Any]], metric: str = "nats") -> list[str]:
+  """One line per entry of `margins` over one or more experiments (seeds): the run's mean
+  value, ahead of or behind each baseline trained without thoughts, by how much, and (for
   several experiments) in how many of them it is ahead."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   per: dict[str, list[tuple[float, dict[str, float]]]] = {}
   for res in results:
-    for name, m in margins(res).items():
+    for name, m in margins(res, metric).items():
       per.setdefault(name, []).append(m)
+  if metric == "nats":
+    ahead, fmt, gap = (lambda a, b: a < b), (lambda x: f"{x:.3f}"), (lambda x: f"{x:.3f}")
+  else:
+    ahead, fmt = (lambda a, b: a > b), (lambda x: f"{100 * x:.1f}%")
+    gap = lambda x: f"{100 * x:.1f} points"
   out = []
   for name, ms in per.items():
     ours = float(np.mean([o for o, _ in ms]))
     others = sorted(set.intersection(*(set(r) for _, r in ms)))
     parts = []
     for other in others:
-      nll = float(np.mean([r[other] for _, r in ms]))
-      part = (f"{'ahead of' if ours < nll else 'behind'} {other} ({nll:.3f}) "
-              f"by {abs(nll - ours):.3f}")
+      theirs = float(np.mean([r[other] for _, r in ms]))
+      part = (f"{'ahead of' if ahead(ours, theirs) else 'behind'} {other} ({fmt(theirs)}) "
+              f"by {gap(abs(theirs - ours))}")
       if len(ms) > 1:
-        part += f" (ahead in {sum(o < r[other] for o, r in ms)} of {len(ms)})"
+        part += f" (ahead in {sum(ahead(o, r[other]) for o, r in ms)} of {len(ms)})"
       parts.append(part)
-    out.append(f"{name} {ours:.3f}: " + "; ".join(parts))
+    out.append(f"{name} {fmt(ours)}: " + "; ".join(parts))
   return out
 
 
-def comparisons(results: dict[str, Any]) -> list[str]:
+def comparison_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+  """Both comparisons (accuracy, then nats) under their heads, for one or more experiments."""
+  lines = []
+  for metric, head in (("accuracy", ACCURACY_HEAD), ("nats", COMPARISON_HEAD)):
+    found = aggregate_comparisons(results, metric)
+    if found:
+      lines += ["", head] + [f"- {v}" for v in found]
+  return lines
+
+
+def comparisons(results: dict[str, Any], metric: str = "nats") -> list[str]:
   """`aggregate_comparisons` of one experiment."""
-  return aggregate_comparisons([results])
+  return aggregate_comparisons([results], metric)
 
 
 def _iteration(name: str) -> int | None:
@@ -303,10 +336,7 @@ def main(argv: Sequence[str]) -> int:
       return 1
     with open(path) as f:
       results.append(json.load(f))
-  print(aggregate_table(aggregate(results)))
-  lines = aggregate_comparisons(results)
-  if lines:
-    print("\n".join(["", COMPARISON_HEAD] + [f"- {line}" for line in lines]))
+  print("\n".join([aggregate_table(aggregate(results))] + comparison_lines(results)))
   return 0
 
 
