@@ -1,4 +1,4 @@
-"""BoLT end to end on the built-in math corpus, sized for a 2-core laptop CPU (5 to 6 minutes).
+"""BoLT end to end on the built-in math corpus, sized for a 2-core laptop CPU (about 6.5 minutes).
 
   python -m latent_em.main --config=configs/quickstart.py --workdir=/tmp/bolt_quickstart
   python -m latent_em.main --config=configs/quickstart.py:ablate_k --workdir=/tmp/bolt_k1
