@@ -364,10 +364,11 @@ def _render(tpl: _Template, slots: dict[str, str], past: bool, connective: str =
 
 # ------------------------------------------------------------------------------------- parsing
 
-_SENTENCE_END = re.compile(r"[.!?](?=\s)|(?<=\nAnswer:)(?=\s)")
-# What `config.*.chunking.break_after` names for exercises: a chunk ends after the answer cue.
 ANSWER_CUE = "\nAnswer:"
-ANSWER_BREAK = r"\nAnswer:"   # as a regular expression
+# What `config.*.chunking.break_after` names for exercises: a chunk ends after the answer cue.
+ANSWER_BREAK = r"\nAnswer:"
+assert re.fullmatch(ANSWER_BREAK, ANSWER_CUE)
+_SENTENCE_END = re.compile(rf"[.!?](?=\s)|(?<={ANSWER_BREAK})(?=\s)")
 
 
 def split_sentences(text: str) -> list[str]:
@@ -926,13 +927,12 @@ class _Story:
       self._emit(self._template("part"), [part], p, v=v // g)
     return True
 
-
   def ask(self, op: str, value: int, who: str, other: str | None = None) -> bool:
     """An exercise's end: the question, the answer cue on a new line, and the bare answer."""
     if not self._fresh(value):
       return False
     self._emit(self._template("ask", op), [], who, other=other)
-    self.sentences.append("\nAnswer:")
+    self.sentences.append(ANSWER_CUE)
     self.facts.append(())
     unit = self.container[0] if op == "part" else None
     self._emit(self._template("answer"),
@@ -941,15 +941,16 @@ class _Story:
     return True
 
 
-EXERCISE_WEIGHTS = {"chain": 4, "relation": 2, "sum": 1, "difference": 1, "split": 1}
+# The kinds of question, with how often each is asked: exercises and held-out questions alike.
+KIND_WEIGHTS = {"chain": 4, "relation": 2, "sum": 1, "difference": 1, "split": 1}
 
 
 def _build_exercise(rng: random.Random, cfg: CorpusConfig, kind: str | None = None
                     ) -> Document | None:
-  """One attempt at an exercise of `kind` (None: random, EXERCISE_WEIGHTS)."""
+  """One attempt at an exercise of `kind` (None: random, KIND_WEIGHTS)."""
   st = _Story(rng, cfg)
   p, q = st.p, st.q
-  kind = kind or rng.choices(list(EXERCISE_WEIGHTS), list(EXERCISE_WEIGHTS.values()))[0]
+  kind = kind or rng.choices(list(KIND_WEIGHTS), list(KIND_WEIGHTS.values()))[0]
   st.init(p)
   steps = rng.randint(2, cfg.max_steps) if kind == "chain" else rng.randint(0, 1)
   while st.cost[p] < steps:
@@ -1084,7 +1085,7 @@ _QA_CLAUSES = {
                       "each"),
     ("money", "g-"): ("bought {g} {item} for {s} dollars each",),
 }
-QUESTION_KINDS = ("chain", "relation", "sum", "difference", "split")
+QUESTION_KINDS = tuple(KIND_WEIGHTS)
 
 
 def _question(rng: random.Random, cfg: CorpusConfig, kind: str) -> dict[str, Any] | None:
@@ -1201,7 +1202,7 @@ def generate_question(rng: random.Random, cfg: CorpusConfig | None = None,
   if kind is not None and kind not in QUESTION_KINDS:
     raise ValueError(f"question kind {kind!r} is not one of {list(QUESTION_KINDS)}")
   for _ in range(1000):
-    k = kind or rng.choices(QUESTION_KINDS, (4, 2, 1, 1, 1))[0]
+    k = kind or rng.choices(QUESTION_KINDS, list(KIND_WEIGHTS.values()))[0]
     if cfg.exercises:
       doc = _build_exercise(rng, cfg, k)
       record = exercise_question(doc) if doc is not None else None
