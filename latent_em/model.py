@@ -175,7 +175,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: Cache | None,
-               cache_index_B: Array | None):
+               window: kv_cache.Window | None):
     cfg = self.cfg
     h, k, dh = cfg.n_heads, cfg.n_kv_heads, cfg.hd
     q_BTHD = _dense(cfg, (h, dh), 1, ("embed", "q_heads", "kv"), "q_proj")(x_BTD)
@@ -191,9 +191,8 @@ class Attention(nn.Module):
       out_BTHD = attention.attend(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, cfg.compute_dtype)
       new_cache = None
     else:
-      out_BTHD, new_cache = kv_cache.update_and_attend(q_BTHD, k_BTKD, v_BTKD, cache,
-                                                       cache_index_B, _constrain,
-                                                       cfg.compute_dtype)
+      out_BTHD, new_cache = kv_cache.update_and_attend(q_BTHD, k_BTKD, v_BTKD, cache, window,
+                                                       _constrain, cfg.compute_dtype)
     out = _dense(cfg, cfg.dim, 2, ("q_heads", "kv", "embed"), "o_proj")(out_BTHD)
     return out, new_cache
 
@@ -216,12 +215,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cache, positions_BT, segment_ids_BT, cache_index_B):
+  def __call__(self, x_BTD, cache, positions_BT, segment_ids_BT, window):
     act_axes = ("activation_batch", "activation_length", "activation_embed")
     x_BTD = _constrain(x_BTD, act_axes)
     attn_out, new_cache = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT, cache,
-        cache_index_B)
+        RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT, cache, window)
     x_BTD = x_BTD + attn_out
     x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BTD))
     return _constrain(x_BTD, act_axes), new_cache
@@ -296,7 +294,7 @@ def forward(cfg: ModelConfig, params: Any, tokens: Array, positions: Array | Non
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-  """Zeroed KV cache (`kv_cache.init_cache`): one {"k", "v"} per layer, each [B, K, S, Dh]."""
+  """Zeroed ring KV cache (`kv_cache.init_cache`): one {"k", "v"} per layer, each [B, S, K * Dh]."""
   return kv_cache.init_cache(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.hd,
                              dtype or cfg.compute_dtype)
 
@@ -316,34 +314,84 @@ def layer_params(cfg: ModelConfig, params: Any) -> list[Any]:
   return [params[f"layers_{i}"] for i in range(cfg.n_layers)]
 
 
-def decode(cfg: ModelConfig, params: Any, tokens: Array, cache: Cache, cache_index: Array,
-           positions: Array | None = None) -> tuple[Array, Cache]:
-  """Cached step: writes tokens [B, T] at slots cache_index[b].. and returns (logits, cache).
+def decode_params(cfg: ModelConfig, params: Any) -> Any:
+  """The parameters as cached decoding reads them: one tree per layer ("layers_i") and every
+  leaf in the compute dtype.
 
-  Used for prefill (T = prompt bucket) and for one-token decode steps (T = 1). `positions`
-  default to the slots, i.e. prompts start at slot 0. Layers run one after another over their
-  own caches (not nn.scan): a decode step then neither slices weights out of the stacked arrays
-  nor re-stacks the whole cache (measured 2x faster decoding; docs/benchmarks.md).
+  A decode step then reads each weight once at the width it computes in, and never slices a
+  layer out of the stacked [L, ...] arrays (on CPU that copy cost ~10x the step itself;
+  docs/benchmarks.md). Jit it with the params donated to keep a single copy on the device.
+  Idempotent: already-prepared params come back unchanged.
   """
-  b, t = tokens.shape
-  slots = cache_index[:, None] + jnp.arange(t)[None, :]
-  if positions is None:
-    positions = slots
   dt = cfg.compute_dtype
-  table = params["embed"]["embedding"]
-  x = jnp.take(table.astype(dt), tokens, axis=0)
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i, p in enumerate(layer_params(cfg, params)):
+    out[f"layers_{i}"] = p
+  return jax.tree.map(lambda x: x.astype(dt), out)
+
+
+def decode_logical_axes(cfg: ModelConfig) -> Any:
+  """PartitionSpec tree of logical axis names matching `decode_params`' structure."""
+  return logical_axes(dataclasses.replace(cfg, scan_layers=False))
+
+
+def _decode_layers(cfg: ModelConfig, params: Any, tokens: Array, cache: Cache,
+                   window: kv_cache.Window, positions: Array) -> tuple[Array, Cache]:
+  """Embedding and the Blocks, one layer after another over its own cache -> (x [B, T, D], cache).
+
+  Layers are not an nn.scan: a decode step then neither slices weights out of stacked arrays nor
+  re-stacks the whole cache (measured 2x faster decoding; docs/benchmarks.md).
+  """
+  x = Embed(cfg).apply({"params": params["embed"]}, tokens)
   new_cache = []
   for p, layer_cache in zip(layer_params(cfg, params), cache):
-    x, c = Block(cfg).apply({"params": p}, x, layer_cache, positions, None, cache_index)
+    x, c = Block(cfg).apply({"params": p}, x, layer_cache, positions, None, window)
     new_cache.append(c)
-  x = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
+  return RMSNorm(cfg).apply({"params": params["final_norm"]}, x), tuple(new_cache)
+
+
+def _output_logits(cfg: ModelConfig, params: Any, x: Array) -> Array:
+  dt = cfg.compute_dtype
   if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", x, table.astype(dt))
+    logits = jnp.einsum("...d,vd->...v", x, params["embed"]["embedding"].astype(dt))
   else:
-    logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]["kernel"].astype(dt))
-  logits = _constrain(logits.astype(jnp.float32),
+    logits = jnp.einsum("...d,dv->...v", x, params["lm_head"]["kernel"].astype(dt))
+  return logits.astype(jnp.float32)
+
+
+def prefill(cfg: ModelConfig, params: Any, tokens: Array, lengths: Array
+            ) -> tuple[Array, Cache]:
+  """Prompts -> (logits of each prompt's next token [B, V] fp32, their cache [B, T, K * Dh]).
+
+  `tokens` [B, T] are LEFT-padded: row b's prompt is its last lengths[b] tokens, at positions
+  0..lengths[b]-1. The cache holds exactly the T slots (prompts end at slot T - 1); `kv_cache.
+  insert` copies it into decoding rows, or decode continues it with `Window(head=T, context=
+  lengths)` on a larger ring.
+  """
+  b, t = tokens.shape
+  window = kv_cache.prefill_window(lengths, t)
+  positions = window.context[:, None] + jnp.arange(t)[None, :]
+  x, cache = _decode_layers(cfg, params, tokens, kv_cache.prefill_cache(cfg.n_layers), window,
+                            positions)
+  logits = _output_logits(cfg, params, x[:, -1])
+  return _constrain(logits, ("activation_batch", "activation_vocab")), cache
+
+
+def decode(cfg: ModelConfig, params: Any, tokens: Array, cache: Cache, window: kv_cache.Window,
+           positions: Array | None = None) -> tuple[Array, Cache]:
+  """Cached step: tokens [B, T] enter the ring at slots window.head.. -> (logits [B, T, V], cache).
+
+  Row b attends over its `window.context[b]` cached tokens and the new ones (kv_cache.py).
+  `positions` (RoPE) default to context[b] + 0..T-1, i.e. the row's tokens are numbered from 0.
+  Any params layout works; `decode_params` is the one a decode loop should hold.
+  """
+  t = tokens.shape[1]
+  if positions is None:
+    positions = window.context[:, None] + jnp.arange(t)[None, :]
+  x, new_cache = _decode_layers(cfg, params, tokens, cache, window, positions)
+  logits = _constrain(_output_logits(cfg, params, x),
                       ("activation_batch", "activation_length", "activation_vocab"))
-  return logits, tuple(new_cache)
+  return logits, new_cache
 
 
 def param_count(cfg: ModelConfig, include_embedding: bool = True) -> int:

@@ -76,3 +76,70 @@ def test_eval_step_and_mixed_mesh_keep_activations_sharded():
   """)
   out = run_python(code, devices=8)
   assert "OK" in out, out
+
+
+def test_decode_loop_keeps_rows_and_cache_sharded():
+  """The continuous-batching programs on 8 devices (FSDP, and data x tensor): the ring cache and
+  every row array stay split along the batch (no all-gather to the global rows), the one-token
+  step has no loop but the decode loop itself (cache writes are one in-place slice update per
+  buffer), and the per-device cache is 1/8 of the whole."""
+  code = _COMPILE + textwrap.dedent("""
+    import functools
+    import numpy as np
+    from latent_em.sampling import sampler as S
+    N, RING, G = 32, 48, 16
+    dm = S.DecodeModel.for_model(CFG)
+    cfg = S.SamplingConfig(max_gen_len=G)
+
+    def compile_programs(devices, shape):
+      mcfg = sharding.MeshConfig(shape=shape)
+      mesh = sharding.make_mesh(mcfg, devices)
+      rules = mcfg.rules_list
+      pshd = sharding.logical_to_sharding(dm.param_specs, mesh, rules)
+      params = jax.eval_shape(lambda: dm.prepare(model.init_params(CFG, jax.random.key(0))))
+      params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            params, pshd)
+      init = functools.partial(S.init_state, dm, N, RING, CFG.vocab_size, G)
+      shd = S.state_shardings(dm, jax.eval_shape(init), mesh, rules)
+      state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           jax.eval_shape(init), shd)
+      scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+      decode = jax.jit(sharding.with_logical_rules(
+          functools.partial(S.decode, dm, cfg, (3,)), mesh, rules), donate_argnums=(1,),
+          out_shardings=shd)
+      refill = jax.jit(sharding.with_logical_rules(functools.partial(S.refill, dm), mesh, rules),
+                       donate_argnums=(1,), out_shardings=shd)
+      rep = lambda shp, dt=jnp.int32: jax.ShapeDtypeStruct(shp, dt,
+                                                           sharding=sharding.replicated(mesh))
+      C, P, M = 8, 16, 16
+      refill_args = (rep((C, P)), rep((C,)), rep((C, 2), jnp.uint32), rep((M,)), rep((M,)),
+                     rep((M,)), rep((M,)))
+      return (decode.lower(params, state, scalar, scalar).compile(),
+              refill.lower(params, state, *refill_args).compile())
+
+    def row_gathers(compiled):
+      shapes = re.findall(r"= \\w+\\[([0-9,]*)\\][^ ]* all-gather\\(", compiled.as_text())
+      return [s for s in shapes if s.split(",")[0] == str(N)]
+
+    one_decode, _ = compile_programs(jax.devices()[:1], (1, 1, 1))
+    for shape in ((1, -1, 1), (4, 1, 2)):
+      decode, refill = compile_programs(jax.devices(), shape)
+      assert not row_gathers(decode), (shape, row_gathers(decode))
+      assert not row_gathers(refill), (shape, row_gathers(refill))
+      text = decode.as_text()
+      kv = CFG.n_kv_heads * CFG.hd
+      local = N // 8 if shape[2] == 1 else N // 4
+      width = kv if shape[2] == 1 else kv // 2
+      cache = f"[{local},{RING},{width}]"
+      assert cache in text, (shape, "per-device cache shape not found")
+      assert f"[{N},{RING},{kv}]" not in text, shape
+      # The only loop that carries the cache is the decode loop (the others on CPU are the
+      # PRNG's threefry rounds); its buffers are written by in-place slice updates.
+      loops = [l for l in text.splitlines() if " while(" in l]
+      assert sum(cache in l.split(" while(")[0] for l in loops) == 1, loops
+      updates = re.findall(r"= \\w+\\[([0-9,]*)\\][^ ]* dynamic-update-slice\\(", text)
+      assert updates.count(cache[1:-1]) == 2 * CFG.n_layers, updates
+    print("OK")
+  """)
+  out = run_python(code, devices=8)
+  assert "OK" in out, out
