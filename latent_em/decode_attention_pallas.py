@@ -111,17 +111,15 @@ def _kernel(head_ref, first_ref, count_ref, len_ref, q_ref, k_hbm, v_hbm, o_ref,
 
 @functools.partial(jax.jit, static_argnames=("kv_heads", "block", "interpret"))
 def ragged(q_BHD: Array, k_BSX: Array, v_BSX: Array, head: Array, lengths_B: Array,
-           kv_heads: int, block: int = BLOCK, interpret: bool | None = None) -> Array:
+           kv_heads: int, block: int = BLOCK, interpret: bool = False) -> Array:
   """Attention of one query per row over its ring window -> [B, H, Dh] in q's dtype.
 
   q [B, H, Dh] (RoPE applied); k/v [B, S, K * Dh], the ring in `kv_cache`'s layout (kv heads
   side by side in the minor dim, this step's token already written at `head`); lengths [B] >= 1
   (the window ends at head and includes it). S must be a multiple of `block` (a smaller ring is
-  one block). `interpret=True` runs the kernel in Pallas' TPU interpreter (slow; for tests);
-  None: interpret unless running on TPU.
+  one block). `interpret=True` (or `pltpu.force_tpu_interpret_mode()` around the caller) runs
+  the kernel in Pallas' TPU interpreter on any backend, for tests.
   """
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
   b, h, dh = q_BHD.shape
   s = k_BSX.shape[1]
   g = h // kv_heads

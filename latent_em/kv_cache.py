@@ -20,8 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from latent_em import attention, decode_attention
 
@@ -97,15 +99,33 @@ def update_and_attend(q_BTHD: Array, k_BTKD: Array, v_BTKD: Array, layer_cache: 
   if window.impl == "ragged":
     if t != 1:
       raise ValueError(f"the ragged decode kernel takes one new token per row, got {t}")
-    from latent_em import decode_attention_pallas
-    out = decode_attention_pallas.ragged(q_BTHD[:, 0], keys, values, window.head,
-                                         window.context + 1, kv_heads=kv)[:, None]
+    out = _ragged(q_BTHD[:, 0], keys, values, window.head, window.context + 1)[:, None]
   elif window.impl == "dense":
     mask = decode_attention.window_mask(window.head, window.context, t, s)
     out = decode_attention.dense(q_BTHD, keys, values, mask, dtype)
   else:
     raise ValueError(f"attention impl {window.impl!r} is not one of {IMPLS}")
   return out.astype(dtype), {"k": keys, "v": values}
+
+
+def _ragged(q_BHD: Array, k_BSX: Array, v_BSX: Array, head: Array, lengths_B: Array) -> Array:
+  """The Pallas kernel; under a mesh (`sharding.logical_rules`) each device runs it on its own
+  rows and kv heads (a custom call is not partitioned by XLA: it would gather the cache)."""
+  from latent_em import decode_attention_pallas
+  dh = q_BHD.shape[-1]
+
+  def local(q, k, v, lengths, head):
+    return decode_attention_pallas.ragged(q, k, v, head, lengths, kv_heads=k.shape[-1] // dh)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q_BHD, k_BSX, v_BSX, lengths_B, head)
+  rows = nn.logical_to_mesh_axes(("activation_batch",))[0]
+  heads = nn.logical_to_mesh_axes(("activation_kv_heads",))[0]
+  q_spec = P(rows, heads, None)
+  kv_spec = P(rows, None, heads)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P(rows), P()),
+                       out_specs=q_spec, check_vma=False)(q_BHD, k_BSX, v_BSX, lengths_B, head)
 
 
 def insert(cache: Cache, prompt_cache: Cache, rows_N: Array, src_N: Array, head: Array) -> Cache:

@@ -43,7 +43,7 @@ class EStepConfig:
   elbo_ks: tuple[int, ...] = (1, 2, 4)
   max_seq_len: int = 512                # joint sequence budget (the model's training length)
   batch_chunks: int = 8                 # decoding rows = batch_chunks * K (continuous batching)
-  prefill_chunks: int = 0               # chunks per prefill / refill (0: batch_chunks // 8, >= 1)
+  prefill_chunks: int = 0               # chunks per prefill / refill (0: batch_chunks // 16, >= 1)
   attention: str = "auto"               # decode attention: auto | dense (XLA) | ragged (TPU kernel)
   score_rows: int = 8                   # packed rows per scoring call
   prompt_bucket: int = 64               # prompts are padded to multiples of this
@@ -115,8 +115,12 @@ class Chunk:
 
 def resolve_attention(name: str) -> str:
   """config.estep.attention "auto" -> the Pallas ragged kernel on TPU, dense XLA elsewhere."""
+  on_tpu = jax.default_backend() == "tpu"
   if name == "auto":
-    return "ragged" if jax.default_backend() == "tpu" else "dense"
+    return "ragged" if on_tpu else "dense"
+  config_lib.check(name != "ragged" or on_tpu, "config.estep.attention",
+                   f"'ragged' is a TPU kernel and this runs on {jax.default_backend()}; "
+                   "use auto or dense")
   return name
 
 

@@ -130,20 +130,26 @@ def decode_stats_path(out_dir: str, process: int) -> str:
 def add_decode_stats(path: str, stats: dict[str, Any]) -> None:
   """Adds this run's decoding counts to the process' running totals (over all runs)."""
   total = json.load(open(path)) if os.path.exists(path) else {}
-  for key in ("useful", "computed", "decode_steps", "decode_calls", "refill_calls", "samples"):
+  for key in ("useful", "computed", "drain_useful", "drain_computed", "decode_steps",
+              "decode_calls", "refill_calls", "samples"):
     total[key] = total.get(key, 0) + int(stats[key])
   io_utils.write_json(path, total)
 
 
 def slot_utilization(out_dir: str) -> dict[str, Any]:
-  """Useful / computed decoding row-steps over every run and process of this E-step."""
-  useful = computed = 0
+  """Useful / computed decoding row-steps over every run and process of this E-step; "steady"
+  leaves out each run's tail (rows left idle once no chunk was waiting)."""
+  keys = ("useful", "computed", "drain_useful", "drain_computed")
+  total = dict.fromkeys(keys, 0)
   for path in glob.glob(os.path.join(out_dir, "decode_stats-*.json")):
     stats = json.load(open(path))
-    useful += stats["useful"]
-    computed += stats["computed"]
-  return {"slot_utilization": useful / computed if computed else None,
-          "decode_row_steps": {"useful": useful, "computed": computed}}
+    for key in keys:
+      total[key] += stats.get(key, 0)
+  steady = total["computed"] - total["drain_computed"]
+  return {"slot_utilization": total["useful"] / total["computed"] if total["computed"] else None,
+          "steady_slot_utilization": ((total["useful"] - total["drain_useful"]) / steady
+                                      if steady else None),
+          "decode_row_steps": total}
 
 
 def summarize(paths: list[str], ks) -> dict[str, Any]:

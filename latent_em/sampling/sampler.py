@@ -296,7 +296,8 @@ class Sampler:
     self._fn = jax.jit(sharding.with_logical_rules(self._sample, mesh, self.rules),
                        static_argnames=("num_samples",))
 
-  def _sample(self, params, prompts, prompt_lens, rng, num_samples: int) -> SampleOutput:
+  def _sample(self, params, prompts, prompt_lens, rng, max_new, num_samples: int
+              ) -> SampleOutput:
     b, p = prompts.shape
     n, g = b * num_samples, self.cfg.max_gen_len
     params = self.model.prepare(params)
@@ -312,17 +313,18 @@ class Sampler:
     rows = jnp.arange(n)
     state = refill(self.model, params, state, left_pad(prompts, prompt_lens), prompt_lens,
                    prompt_keys, rows, rows // num_samples, rows % num_samples,
-                   jnp.full((n,), g, jnp.int32))
+                   jnp.full((n,), g, jnp.int32) if max_new is None else max_new)
     state = decode(self.model, self.cfg, self.stop_ids, params, state, jnp.int32(g),
                    jnp.int32(n))
     return SampleOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.gen,
                         finished=state.finished)
 
   def __call__(self, params, prompts: jax.Array, prompt_lens: jax.Array, rng: jax.Array,
-               num_samples: int = 1) -> SampleOutput:
+               num_samples: int = 1, max_new: jax.Array | None = None) -> SampleOutput:
     """prompts [B, P] right-padded int32, prompt_lens [B] -> SampleOutput rows [B*K] ordered
-    prompt-major (row b*K + k is sample k of prompt b, drawn with fold_in(fold_in(rng, b), k))."""
-    return self._fn(params, prompts, prompt_lens, rng, num_samples=num_samples)
+    prompt-major (row b*K + k is sample k of prompt b, drawn with fold_in(fold_in(rng, b), k)).
+    `max_new` [B*K]: per-row length limits (<= max_gen_len; default max_gen_len)."""
+    return self._fn(params, prompts, prompt_lens, rng, max_new, num_samples=num_samples)
 
 
 def bucket_length(n: int, buckets: tuple[int, ...]) -> int:
