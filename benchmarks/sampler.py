@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -602,6 +603,37 @@ def _compile_step(cfg: model.ModelConfig, devices: list, rows: int, ring: int, i
   return fn.lower(params, rows_spec((rows, 1)), cache, head, rows_spec((rows,))).compile()
 
 
+def _compile_programs(cfg: model.ModelConfig, device, rows: int, ring: int, prefill: int,
+                      prompt_len: int) -> dict[str, dict[str, float]]:
+  """Memory of the E-step's two programs on one chip: the decode loop (ragged kernel) and a
+  refill of `prefill` prompts of `prompt_len` tokens (K = 4 samples each)."""
+  mesh = jax.sharding.Mesh(np.array([device]), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                  sharding=rep), tree)
+  dm = sampler_lib.DecodeModel.for_model(cfg, attention="ragged")
+  params = spec(jax.eval_shape(lambda: dm.prepare(model.init_params(cfg, jax.random.key(0)))))
+  state = spec(jax.eval_shape(functools.partial(sampler_lib.init_state, dm, rows, ring,
+                                                cfg.vocab_size, ring // 2)))
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+  m = prefill * 4
+  decode = jax.jit(functools.partial(sampler_lib.decode, dm, sampler_lib.SamplingConfig(
+      max_gen_len=ring // 2), (2,)), donate_argnums=(1,))
+  refill = jax.jit(functools.partial(sampler_lib.refill, dm), donate_argnums=(1,))
+  out = {}
+  for name, lowered in (
+      ("decode_loop", decode.lower(params, state, i32(), i32())),
+      ("refill", refill.lower(params, state, i32(prefill, prompt_len), i32(prefill),
+                              jax.ShapeDtypeStruct((prefill, 2), jnp.uint32, sharding=rep),
+                              i32(m), i32(m), i32(m), i32(m)))):
+    mem = lowered.compile().memory_analysis()
+    out[name] = {"argument_bytes": mem.argument_size_in_bytes,
+                 "temp_bytes": mem.temp_size_in_bytes,
+                 "peak_bytes": (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                                + mem.output_size_in_bytes - mem.alias_size_in_bytes)}
+  return out
+
+
 def hlo_checks(text: str, cfg: model.ModelConfig, rows: int, ring: int, chips: int
                ) -> dict[str, int]:
   """Loops, gathers of the rows, cache-sized copies and in-place cache writes in an optimized
@@ -618,6 +650,12 @@ def hlo_checks(text: str, cfg: model.ModelConfig, rows: int, ring: int, chips: i
                           for l in lines if "dynamic-update-slice(" in l),
       "kernel_calls": sum('custom_call_target="tpu_custom_call"' in l for l in lines),
   }
+
+
+def _hbm_bytes(device) -> float:
+  """HBM of one chip of the compile target (0 when unknown)."""
+  kinds = {"TPU v5 lite": 16 << 30, "TPU v5": 95 << 30, "TPU v4": 32 << 30, "TPU v6 lite": 32 << 30}
+  return float(kinds.get(device.device_kind, 0))
 
 
 def _matmul_calibration(cfg: model.ModelConfig, device, rows: int) -> dict[str, float]:
@@ -651,6 +689,11 @@ def run_bytes(args: argparse.Namespace, idle: float, refills_per_step: float) ->
                  "temp_bytes": mem.temp_size_in_bytes,
                  **hlo_checks(compiled.as_text(), cfg, rows, ring, chips)}
   res["calibration"] = _matmul_calibration(cfg, topo.devices[0], args.tpu_rows)
+  # The E-step's programs as config.estep would size them (refill rows / 16 / K prompts of the
+  # longest bucket), with the chip's memory.
+  res["programs"] = _compile_programs(cfg, topo.devices[0], args.tpu_rows, ring,
+                                      max(1, args.tpu_rows // 64), 1024)
+  res["hbm_bytes"] = _hbm_bytes(topo.devices[0])
   # Bytes per chip: its rows' contexts, all the weights.
   rows = args.tpu_rows
   ctx = step_contexts(args, rows, idle)
@@ -814,6 +857,9 @@ def _format_bytes(r: dict[str, Any]) -> list[str]:
       f" (dense - kernel step); the whole ring is {gb(b['whole_ring_bytes'])}; it charges one "
       f"MLP matmul {cal['xla_cost_bytes'] / 1e6:.0f} MB for {cal['operand_bytes'] / 1e6:.0f} MB "
       "of operands",
+      "  E-step programs on one chip (ragged kernel; HBM " + gb(b["hbm_bytes"]) + "): " + ", ".join(
+          f"{name} arguments {gb(x['argument_bytes'])} + temporaries {gb(x['temp_bytes'])} = "
+          f"peak {gb(x['peak_bytes'])}" for name, x in b["programs"].items()),
       f"  analytic (mean context {a['mean_context']:.0f}, idle rows {a['idle_rows']:.1%}, "
       f"{a['refilled_rows_per_step']:.2f} rows refilled per step): weights {gb(a['weights'])}, "
       f"minimum {gb(a['minimum'])}, dense {gb(a['dense'])} ({a['dense/minimum']:.2f}x), "
