@@ -653,9 +653,8 @@ def hlo_checks(text: str, cfg: model.ModelConfig, rows: int, ring: int, chips: i
 
 
 def _hbm_bytes(device) -> float:
-  """HBM of one chip of the compile target (0 when unknown)."""
-  kinds = {"TPU v5 lite": 16 << 30, "TPU v5": 95 << 30, "TPU v4": 32 << 30, "TPU v6 lite": 32 << 30}
-  return float(kinds.get(device.device_kind, 0))
+  """HBM a program may use on one chip (what the compiler reports as available; 0: unknown)."""
+  return {"TPU v5 lite": 15.75 * 2 ** 30}.get(device.device_kind, 0.0)
 
 
 def _matmul_calibration(cfg: model.ModelConfig, device, rows: int) -> dict[str, float]:
@@ -857,7 +856,8 @@ def _format_bytes(r: dict[str, Any]) -> list[str]:
       f" (dense - kernel step); the whole ring is {gb(b['whole_ring_bytes'])}; it charges one "
       f"MLP matmul {cal['xla_cost_bytes'] / 1e6:.0f} MB for {cal['operand_bytes'] / 1e6:.0f} MB "
       "of operands",
-      "  E-step programs on one chip (ragged kernel; HBM " + gb(b["hbm_bytes"]) + "): " + ", ".join(
+      "  E-step programs on one chip (ragged kernel; usable HBM " + gb(b["hbm_bytes"]) + "): "
+      + ", ".join(
           f"{name} arguments {gb(x['argument_bytes'])} + temporaries {gb(x['temp_bytes'])} = "
           f"peak {gb(x['peak_bytes'])}" for name, x in b["programs"].items()),
       f"  analytic (mean context {a['mean_context']:.0f}, idle rows {a['idle_rows']:.1%}, "
