@@ -320,8 +320,8 @@ def decode_params(cfg: ModelConfig, params: Any) -> Any:
 
   A decode step then reads each weight once at the width it computes in, and never slices a
   layer out of the stacked [L, ...] arrays (on CPU that copy cost ~10x the step itself;
-  docs/benchmarks.md). Jit it with the params donated to keep a single copy on the device.
-  Idempotent: already-prepared params come back unchanged.
+  docs/benchmarks.md). `sampler.place_params` makes this copy once on the device; dropping the
+  original leaves a single one. Idempotent: already-prepared params come back unchanged.
   """
   dt = cfg.compute_dtype
   out = {k: v for k, v in params.items() if k != "layers"}
@@ -364,11 +364,10 @@ def prefill(cfg: ModelConfig, params: Any, tokens: Array, lengths: Array
   """Prompts -> (logits of each prompt's next token [B, V] fp32, their cache [B, T, K * Dh]).
 
   `tokens` [B, T] are LEFT-padded: row b's prompt is its last lengths[b] tokens, at positions
-  0..lengths[b]-1. The cache holds exactly the T slots (prompts end at slot T - 1); `kv_cache.
-  insert` copies it into decoding rows, or decode continues it with `Window(head=T, context=
-  lengths)` on a larger ring.
+  0..lengths[b]-1. The cache holds exactly the T slots (prompts end at slot T - 1);
+  `kv_cache.insert` copies it into decoding rows of a ring.
   """
-  b, t = tokens.shape
+  t = tokens.shape[1]
   window = kv_cache.prefill_window(lengths, t)
   positions = window.context[:, None] + jnp.arange(t)[None, :]
   x, cache = _decode_layers(cfg, params, tokens, kv_cache.prefill_cache(cfg.n_layers), window,
