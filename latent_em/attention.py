@@ -99,7 +99,7 @@ def _reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, dtype):
                           mask, dtype)
 
 
-def _blocked(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, dtype, block_q: int = BLOCK_Q):
+def _blocked(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, dtype, block_q: int | None = None):
   """Causal block skipping: query block i attends to keys [0, end of block i) only.
 
   Each block is the reference math over its key prefix; the keys it skips are exactly the ones
@@ -108,6 +108,7 @@ def _blocked(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, dtype, block_q: int = BLOCK
   """
   b, t, h, dh = q_BTHD.shape
   k = k_BTKD.shape[2]
+  block_q = block_q or BLOCK_Q
   if t <= block_q or t % block_q:
     return _reference(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, dtype)
   q_BKGTD = q_BTHD.reshape(b, t, k, h // k, dh).transpose(0, 2, 3, 1, 4)
