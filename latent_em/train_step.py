@@ -33,12 +33,11 @@ def token_nll(cfg: model_lib.ModelConfig, params: Any, batch: Batch) -> tuple[ja
   """Per-token negative log-likelihood [B, T] (fp32) and the loss weights [B, T].
 
   The LM head and the log-softmax run over chunks of `cfg.logits_chunk` positions
-  (`lm_head.map_chunks`), so the fp32 [B, T, V] logits never exist whole.
+  (`lm_head.token_nll`), so the fp32 [B, T, V] logits never exist whole.
   """
   hidden = model_lib.hidden_states(cfg, params, batch["inputs"], batch.get("positions"),
                                    batch.get("segment_ids"))
-  nll = lm_head.map_chunks(cfg, lm_head.nll, hidden, model_lib.output_kernel(cfg, params),
-                           batch["targets"])
+  nll = lm_head.token_nll(cfg, hidden, model_lib.output_kernel(cfg, params), batch["targets"])
   return nll, batch["loss_weights"].astype(jnp.float32)
 
 
