@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from latent_em import hf, model, optim, sharding  # noqa: E402
+from latent_em import attention, hf, model, optim, sharding  # noqa: E402
 from latent_em import train_step as ts  # noqa: E402
 
 
@@ -79,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--remat", choices=("none", "full", "dots"), default=None,
                  help="rematerialisation (default: the preset's); torch uses HF gradient "
                       "checkpointing for anything but none")
+  p.add_argument("--attention", choices=attention.IMPLEMENTATIONS, default="auto",
+                 help="config.model.attention (auto: by the platform, `attention.resolve`)")
+  p.add_argument("--logits_chunk", type=int, default=None,
+                 help="config.model.logits_chunk (default: ModelConfig's; 0: whole logits)")
+  p.add_argument("--scan_layers", choices=("true", "false"), default=None,
+                 help="config.model.scan_layers (default: the preset's); XLA:CPU runs unrolled "
+                      "layers faster (docs/benchmarks.md)")
   p.add_argument("--order", choices=("alternate", "sequential"), default="alternate",
                  help="alternate steps of the two frameworks, or run JAX to the end and free "
                       "it before PyTorch starts (for shapes where both do not fit at once)")
@@ -91,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   for name in ("batch", "steps"):
     if getattr(args, name) < 1:
       p.error(f"--{name}={getattr(args, name)} must be >= 1")
+  if args.logits_chunk is not None and args.logits_chunk < 0:
+    p.error(f"--logits_chunk={args.logits_chunk} must be >= 0")
   if args.warmup < 0 or args.seq < 0:
     p.error("--warmup and --seq must be >= 0")
   return args
@@ -346,7 +355,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
   cores = cpu_cores()
-  cfg = dataclasses.replace(preset.model, dtype=dtype, remat=remat)
+  cfg = dataclasses.replace(preset.model, dtype=dtype, remat=remat, attention=args.attention)
+  if args.logits_chunk is not None:
+    cfg = dataclasses.replace(cfg, logits_chunk=args.logits_chunk)
+  if args.scan_layers is not None:
+    cfg = dataclasses.replace(cfg, scan_layers=args.scan_layers == "true")
+  cfg = model.resolve_attention(cfg, jax.devices()[:1])
+  result.update(attention=cfg.attention, logits_chunk=cfg.logits_chunk,
+                scan_layers=cfg.scan_layers)
   tokens_per_step = args.batch * seq
   flops_per_token = model.train_flops_per_token(cfg, seq)
   result.update(cpu=_cpu_model(), cores=cores, versions=_versions(),
@@ -426,7 +442,9 @@ def format_table(r: dict[str, Any]) -> str:
     return f"[{r['preset']}] skipped: {r['skipped']}"
   lines = [
       f"preset={r['preset']}  batch={r['batch']} x seq={r['seq']} = {r['tokens_per_step']} "
-      f"tokens/step  dtype={r['dtype']}  remat={r['remat']}  params={r['params'] / 1e6:.2f}M  "
+      f"tokens/step  dtype={r['dtype']}  remat={r['remat']}  attention={r['attention']}  "
+      f"logits_chunk={r['logits_chunk']}  scan_layers={r['scan_layers']}  "
+      f"params={r['params'] / 1e6:.2f}M  "
       f"model FLOPs/token={r['train_flops_per_token'] / 1e6:.1f}M",
       f"device={r['device']}  cpu={r['cpu']}  cores={r['cores']}  "
       f"torch_threads={r.get('torch_threads', '-')}  XLA_FLAGS={r['xla_flags'] or '(unset)'}",

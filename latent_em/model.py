@@ -45,6 +45,13 @@ class ModelConfig:
   remat: Literal["none", "full", "dots"] = "none"
   scan_layers: bool = True
   init_std: float = 0.02
+  # Attention over whole sequences (attention.IMPLEMENTATIONS); "auto" picks by the platform of
+  # the devices the step is compiled for (`resolve_attention`).
+  attention: str = "auto"
+  # Sequence positions per chunk when the loss and the scorer apply the LM head
+  # (`lm_head.py`): fp32 [B, chunk, V] logits exist at a time instead of [B, T, V]; 0 = the
+  # whole sequence at once.
+  logits_chunk: int = 256
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
@@ -54,6 +61,10 @@ class ModelConfig:
     config_lib.check(self.head_dim > 0 or self.dim % self.n_heads == 0, "config.model.head_dim",
                      f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
     config_lib.check(self.hd % 2 == 0, "config.model.head_dim", "RoPE needs an even head dim")
+    config_lib.check(self.attention in attention.IMPLEMENTATIONS, "config.model.attention",
+                     f"{self.attention!r} is not one of {list(attention.IMPLEMENTATIONS)}")
+    config_lib.check(self.logits_chunk >= 0, "config.model.logits_chunk",
+                     f"{self.logits_chunk} must be >= 0 (0: no chunking)")
     for name in ("dtype", "param_dtype"):
       config_lib.check(getattr(self, name) in ("float32", "bfloat16", "float16"),
                        f"config.model.{name}", "use float32, bfloat16 or float16")
@@ -188,7 +199,8 @@ class Attention(nn.Module):
                                  "activation_kv"))
 
     if cache is None:
-      out_BTHD = attention.attend(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, cfg.compute_dtype)
+      out_BTHD = attention.attend(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, cfg.compute_dtype,
+                                  cfg.attention)
       new_cache = None
     else:
       out_BTHD, new_cache = kv_cache.update_and_attend(q_BTHD, k_BTKD, v_BTKD, cache, window,
@@ -226,7 +238,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """Decoder-only LM over whole sequences. Returns logits [B, T, V] fp32.
+  """Decoder-only LM over whole sequences. Returns logits [B, T, V] fp32, or with
+  `return_hidden` the final-norm hidden states [B, T, D] (compute dtype) that the LM head
+  (`output_kernel`) maps to logits, for callers that apply it in chunks (`lm_head.py`).
 
   Cached decoding (`decode`) runs the same Blocks one layer at a time over per-layer caches.
   """
@@ -234,7 +248,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT: Array, positions_BT: Array | None = None,
-               segment_ids_BT: Array | None = None):
+               segment_ids_BT: Array | None = None, return_hidden: bool = False):
     cfg = self.cfg
     b, t = tokens_BT.shape
     if positions_BT is None:
@@ -259,6 +273,8 @@ class Transformer(nn.Module):
         x_BTD, _ = block(cfg, name=f"layers_{i}")(x_BTD, None, *broadcast)
 
     x_BTD = RMSNorm(cfg, name="final_norm")(x_BTD)
+    if return_hidden:
+      return _constrain(x_BTD, ("activation_batch", "activation_length", "activation_embed"))
     if cfg.tie_embeddings:
       logits = embed.attend(x_BTD)
     else:
@@ -291,6 +307,40 @@ def forward(cfg: ModelConfig, params: Any, tokens: Array, positions: Array | Non
   0..T-1 and one segment.
   """
   return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def hidden_states(cfg: ModelConfig, params: Any, tokens: Array, positions: Array | None = None,
+                  segment_ids: Array | None = None) -> Array:
+  """`forward` without the LM head: final-norm hidden states [B, T, D] in the compute dtype.
+  `forward`'s logits are `logits_from_hidden(cfg, hidden, output_kernel(cfg, params))`."""
+  return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids,
+                                return_hidden=True)
+
+
+def output_kernel(cfg: ModelConfig, params: Any) -> Array:
+  """The LM head as a [D, V] matrix in the parameter dtype (the embedding's transpose when
+  tied)."""
+  if cfg.tie_embeddings:
+    return params["embed"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(cfg: ModelConfig, x_BTD: Array, kernel_DV: Array) -> Array:
+  """fp32 logits [B, T, V] of hidden states [B, T, D]: the matmul in the compute dtype, as in
+  `forward`."""
+  dt = cfg.compute_dtype
+  logits = jax.lax.dot_general(x_BTD.astype(dt), kernel_DV.astype(dt),
+                               (((x_BTD.ndim - 1,), (0,)), ((), ())))
+  return _constrain(logits.astype(jnp.float32),
+                    ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def resolve_attention(cfg: ModelConfig, devices: Any) -> ModelConfig:
+  """`cfg` with `attention="auto"` replaced by the implementation for the platform of
+  `devices` (a Mesh, a device or a list of devices; e.g. TPU topology devices when compiling
+  for a TPU from a CPU host). Job builders call this with the mesh the step is compiled for."""
+  name = attention.resolve(cfg.attention, attention.platform_of(devices), cfg.compute_dtype)
+  return dataclasses.replace(cfg, attention=name)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh
 
 from latent_em import model as model_lib
-from latent_em import optim, sharding
+from latent_em import lm_head, optim, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -30,14 +30,14 @@ class TrainState:
 
 
 def token_nll(cfg: model_lib.ModelConfig, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-  """Per-token negative log-likelihood [B, T] (fp32) and the loss weights [B, T]."""
-  logits = model_lib.forward(cfg, params, batch["inputs"], batch.get("positions"),
-                             batch.get("segment_ids"))
-  # The target's logit through a one-hot product rather than a gather: the partitioner then keeps
-  # the targets sharded with the logits instead of gathering them to the global batch.
-  target_logit = jnp.sum(logits * jax.nn.one_hot(batch["targets"], logits.shape[-1],
-                                                 dtype=logits.dtype), axis=-1)
-  nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+  """Per-token negative log-likelihood [B, T] (fp32) and the loss weights [B, T].
+
+  The LM head and the log-softmax run over chunks of `cfg.logits_chunk` positions
+  (`lm_head.token_nll`), so the fp32 [B, T, V] logits never exist whole.
+  """
+  hidden = model_lib.hidden_states(cfg, params, batch["inputs"], batch.get("positions"),
+                                   batch.get("segment_ids"))
+  nll = lm_head.token_nll(cfg, hidden, model_lib.output_kernel(cfg, params), batch["targets"])
   return nll, batch["loss_weights"].astype(jnp.float32)
 
 
@@ -100,8 +100,11 @@ def make_train_step(cfg: model_lib.ModelConfig, tx: optax.GradientTransformation
   over all weighted tokens of the step, so accumulation gives the same update as one big batch.
 
   With a `mesh`, the step is traced under `rules` (default `sharding.DEFAULT_RULES`), so the
-  model's logical activation constraints shard its activations.
+  model's logical activation constraints shard its activations, and `config.model.attention`
+  "auto" resolves for the mesh's platform (`model.resolve_attention`).
   """
+  if mesh is not None:
+    cfg = model_lib.resolve_attention(cfg, mesh)
   grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
 
   def step(state: TrainState, batch: Batch):
@@ -145,6 +148,7 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state_sharding: TrainState) ->
 def make_eval_step(cfg: model_lib.ModelConfig, mesh: Mesh, params_sharding: Any,
                    rules=None) -> Callable:
   """jitted (params, batch) -> (sum of NLL, sum of weights) for validation NLL per token."""
+  cfg = model_lib.resolve_attention(cfg, mesh)
   fn = sharding.with_logical_rules(functools.partial(_sum_loss, cfg=cfg), mesh,
                                    sharding.DEFAULT_RULES if rules is None else rules)
   return jax.jit(lambda p, b: fn(p, batch=b),

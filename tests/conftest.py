@@ -1,6 +1,7 @@
 """Shared test helpers. Multi-device tests run in subprocesses with 8 fake CPU devices."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -56,3 +57,19 @@ def em_smoke(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("em_smoke") / "em")
   proc = run_main(["--config=configs/quickstart.py:smoke", f"--workdir={workdir}"], timeout=1500)
   return workdir, proc.stdout + proc.stderr
+
+
+@contextlib.contextmanager
+def tpu_interpret():
+  """Runs the Pallas TPU kernels traced inside on CPU, through Pallas' HLO interpreter: each
+  kernel becomes a jitted loop over its grid running the same kernel body.
+
+  (`pltpu.force_tpu_interpret_mode` simulates the TPU's memories too, but through callbacks
+  that jax.checkpoint cannot rematerialise and that miss the grid dimension vmap adds.)
+  """
+  from jax._src import config  # the switch force_tpu_interpret_mode sets, with True
+  prev = config.pallas_tpu_interpret_mode_context_manager.swap_local(True)
+  try:
+    yield
+  finally:
+    config.pallas_tpu_interpret_mode_context_manager.set_local(prev)

@@ -26,6 +26,8 @@ def test_base_config_is_valid():
     ("model.n_kv_heads", 3, "config.model.n_kv_heads"),
     ("model.dtype", "float8", "config.model.dtype"),
     ("model.dim", "big", "config.model.dim"),
+    ("model.attention", "flash", "config.model.attention"),
+    ("model.logits_chunk", -1, "config.model.logits_chunk"),
     ("mesh.shape", (2, 2), "config.mesh.shape"),
     ("optim.schedule", "linear", "config.optim.schedule"),
     ("optim.lr", -1.0, "config.optim.lr"),

@@ -10,9 +10,10 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from latent_em import lm_head, sharding
 from latent_em import model as model_lib
 from latent_em.sampling.sampler import process_logits
 
@@ -75,20 +76,33 @@ def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], row_len: int,
 
 
 def make_token_logprobs(cfg: model_lib.ModelConfig, temperature: float = 1.0, top_k: int = 0,
-                        top_p: float = 1.0, banned_ids: tuple[int, ...] = ()):
+                        top_p: float = 1.0, banned_ids: tuple[int, ...] = (), *,
+                        mesh: Mesh | None = None, rules=None):
   """jitted (params, inputs, targets, positions, segment_ids) -> log-probs [R, T] of targets
-  under the (optionally temperature/top-k/top-p processed) model distribution."""
+  under the (optionally temperature/top-k/top-p processed) model distribution.
 
-  @jax.jit
+  The LM head and the log-softmax run over chunks of `cfg.logits_chunk` positions
+  (`lm_head.map_chunks`), so fp32 [R, T, V] logits never exist whole. With a `mesh` the
+  function is traced under its logical rules (default `sharding.DEFAULT_RULES`, activations
+  sharded like the rows) and `config.model.attention` "auto" resolves for the mesh's platform.
+  """
+  plain = temperature == 1.0 and not top_k and top_p == 1.0 and not banned_ids
+  if mesh is not None:
+    cfg = model_lib.resolve_attention(cfg, mesh)
+
+  def token_logprob(logits_BCV, targets_BC):
+    if plain:
+      return -lm_head.nll(logits_BCV, targets_BC)
+    logp = process_logits(logits_BCV, temperature, top_k, top_p, banned_ids)
+    return lm_head.target_logit(logp, targets_BC)
+
   def fn(params, inputs, targets, positions, segment_ids):
-    logits = model_lib.forward(cfg, params, inputs, positions, segment_ids)
-    if temperature == 1.0 and not top_k and top_p == 1.0 and not banned_ids:
-      logp = jax.nn.log_softmax(logits, axis=-1)
-    else:
-      logp = process_logits(logits, temperature, top_k, top_p, banned_ids)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    hidden = model_lib.hidden_states(cfg, params, inputs, positions, segment_ids)
+    return lm_head.map_chunks(cfg, token_logprob, hidden, model_lib.output_kernel(cfg, params),
+                              targets)
 
-  return fn
+  fn = sharding.with_logical_rules(fn, mesh, sharding.DEFAULT_RULES if rules is None else rules)
+  return jax.jit(fn)
 
 
 def sum_by_owner(token_logprobs: np.ndarray, packed: PackedBatch, n: int) -> np.ndarray:
