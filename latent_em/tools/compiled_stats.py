@@ -102,14 +102,15 @@ def _computations(hlo_text: str) -> list[_Computation]:
 
 
 def _trip_count(cond: _Computation | None) -> int | None:
-  """Trip count of a counted loop from its condition: `i < constant(N)` (scan, fori_loop)."""
+  """Trip count of a counted loop from its condition: `i < constant(N)` (scans, fori_loops, and
+  the loops XLA writes itself, e.g. windowed matmuls over a sharded axis with u32 counters)."""
   if cond is None:
     return None
   constants = {}
   for line in cond.lines:
     m = _INSTR.match(line)
     if m:
-      c = re.match(r"^s(?:32|64)\[\]\S*\s+constant\((-?\d+)\)", m.group(2))
+      c = re.match(r"^[su](?:8|16|32|64)\[\]\S*\s+constant\((-?\d+)\)", m.group(2))
       if c:
         constants[m.group(1)] = int(c.group(1))
   for line in cond.lines:
