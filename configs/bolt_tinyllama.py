@@ -66,6 +66,11 @@ def get_config(arg=None):
   config.data.seq_len = 2048
   config.data.batch_size = 192
   config.mesh.shape = (1, -1, 1)        # FSDP over every device (data, fsdp, tensor)
+  # Micro-batches of 32 sequences (4 per chip of a v5e-8): 10.4 GiB of v5e's 15.75 per chip by
+  # the fit check, where one step of 96 needs 20.8 and 6 per chip 13.5 (docs/benchmarks.md).
+  # On bigger chips use fewer: one step of 192 takes 64.7 GiB of a v5p-8's 95.7
+  # (--config.train.grad_accum=1).
+  config.train.grad_accum = 6
   config.checkpoint.every_steps = 500
   config.train.log_every = 50
 
@@ -112,10 +117,14 @@ def get_config(arg=None):
     config.mstep_data.format = "pure" if (arg.wrap or arg.wrap_cot) else "random"
     if arg.warmstart:
       config.data.batch_size = 96
+      config.train.grad_accum = 3
   elif arg.estep:
     config.job = "estep"
   elif arg.eval:
     config.job = "eval"
+  if config.job != "em":
+    # One stage alone: config.em is unused; its defaults validate without the EM job's files.
+    config.em = config_defaults.base().em
 
   if arg.smoke:  # the same code path at toy size
     config.model.vocab_size = 0
@@ -128,6 +137,7 @@ def get_config(arg=None):
     config.model.remat = "none"
     config.data.seq_len = 256
     config.data.batch_size = 8
+    config.train.grad_accum = 1
     config.optim.warmup_steps = 2
     config.estep.sampling.max_gen_len = 16
     config.estep.max_seq_len = 256
