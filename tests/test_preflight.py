@@ -139,6 +139,60 @@ def test_collectives_are_counted_per_call_with_loops_at_their_trip_count():
   assert "OK" in run_python(code, devices=8)
 
 
+_TPU_STYLE_HLO = """HloModule step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[]{:T(128)} parameter(0)
+  %b = f32[]{:T(128)} parameter(1)
+  ROOT %sum = f32[]{:T(128)} add(%a, %b)
+}
+
+%cond (p: (u32[], f32[2])) -> pred[] {
+  %p = (u32[]{:T(128)}, f32[2]{0}) parameter(0)
+  %n = u32[]{:T(128)} constant(4)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %n), direction=LT
+}
+
+%piece.1 (x: f32[2]) -> f32[8] {
+  %x = f32[2]{0} parameter(0)
+  ROOT %all-gather.1 = f32[8]{0:T(256)} all-gather(%x), channel_id=7, dimensions={0}
+}
+
+%piece.2 (x: f32[2]) -> f32[8] {
+  %x = f32[2]{0} parameter(0)
+  ROOT %all-gather.2 = f32[8]{0:T(256)S(1)} all-gather(%x), channel_id=7, dimensions={0}
+}
+
+%body (p: (u32[], f32[2])) -> (u32[], f32[2]) {
+  %p = (u32[]{:T(128)}, f32[2]{0}) parameter(0)
+  %x = f32[2]{0} get-tuple-element(%p), index=1
+  %f1 = f32[8]{0} fusion(%x), kind=kCustom, calls=%piece.1
+  %f2 = f32[8]{0} fusion(%x), kind=kCustom, calls=%piece.2
+  %ar = bf16[16]{0} all-reduce-start(%f2), channel_id=8, to_apply=%add
+  ROOT %t = (u32[]{:T(128)}, f32[2]{0}) tuple(%i, %x)
+}
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %x = f32[2]{0} parameter(0)
+  %t = (u32[]{:T(128)}, f32[2]{0}) tuple(%z, %x)
+  %w = (u32[]{:T(128)}, f32[2]{0}) while(%t), condition=%cond, body=%body
+  %cp = (f32[4]{0}, f32[4]{0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%y), channel_id=9
+  ROOT %r = f32[2]{0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_in_tpu_style_hlo():
+  """What TPU's optimized HLO adds: loops with u32 counters (XLA's windowed matmuls), one
+  collective split into pieces that keep its channel id, and -start ops whose result is a tuple
+  (operand, result, context)."""
+  col = compiled_stats.collectives(_TPU_STYLE_HLO)
+  assert col.unknown_loops == 0
+  assert col.count == {"all-gather": 4, "all-reduce": 4, "collective-permute": 1}
+  assert col.bytes == {"all-gather": 4 * 32, "all-reduce": 4 * 32, "collective-permute": 16}
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 
