@@ -66,6 +66,10 @@ def get_config(arg=None):
   config.data.seq_len = 2048
   config.data.batch_size = 192
   config.mesh.shape = (1, -1, 1)        # FSDP over every device (data, fsdp, tensor)
+  # Sized for a v5e-8 by the fit check (docs/benchmarks.md, "Fit check"): the warm start's 96
+  # sequences in one step (12 per chip, 10.8 of 15.75 GiB); 192 in two micro-batches (12.0 GiB).
+  # One step of 192 fits a v5e-16 (9.4 GiB) or a v5p-8 (--config.train.grad_accum=1).
+  config.train.grad_accum = 2
   config.checkpoint.every_steps = 500
   config.train.log_every = 50
 
@@ -80,7 +84,7 @@ def get_config(arg=None):
   config.estep.sampling.temperature = 1.0
   config.estep.sampling.max_gen_len = 1024
   config.estep.max_seq_len = 2048
-  config.estep.batch_chunks = 32
+  config.estep.batch_chunks = 64
   config.estep.prompt_bucket = 128
   config.estep.docs_per_shard = 256
   config.estep.chunking.prefix_chunks = 3
@@ -112,10 +116,14 @@ def get_config(arg=None):
     config.mstep_data.format = "pure" if (arg.wrap or arg.wrap_cot) else "random"
     if arg.warmstart:
       config.data.batch_size = 96
+      config.train.grad_accum = 1
   elif arg.estep:
     config.job = "estep"
   elif arg.eval:
     config.job = "eval"
+  if config.job != "em":
+    # One stage alone: config.em is unused; its defaults validate without the EM job's files.
+    config.em = config_defaults.base().em
 
   if arg.smoke:  # the same code path at toy size
     config.model.vocab_size = 0
@@ -128,6 +136,7 @@ def get_config(arg=None):
     config.model.remat = "none"
     config.data.seq_len = 256
     config.data.batch_size = 8
+    config.train.grad_accum = 1
     config.optim.warmup_steps = 2
     config.estep.sampling.max_gen_len = 16
     config.estep.max_seq_len = 256

@@ -33,6 +33,21 @@ KV_AXES = ("activation_batch", "activation_kv_heads", "activation_length", "acti
 SEGMENT_AXES = ("activation_batch", "activation_length")
 
 
+# Matmuls per visible [block, block] tile in each of the kernel's three programs, as their HLO
+# custom calls are named: forward QK^T and PV; dq: QK^T, dO V^T, dS K; dk/dv: QK^T, P^T dO,
+# dO V^T, dS^T Q. XLA's cost model counts no FLOPs inside a custom call.
+KERNEL_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+
+
+def kernel_call_flops(kernel: str, heads: int, t: int, head_dim: int) -> float:
+  """Matmul FLOPs of one call of `kernel` (a KERNEL_MATMULS name) on one sequence of t tokens:
+  the tiles on or below the causal diagonal, which the kernel computes (it skips the others)."""
+  t_pad = t + (-t % _LANES)
+  n = t_pad // _block(t_pad)
+  b = t_pad // n
+  return KERNEL_MATMULS[kernel] * heads * n * (n + 1) // 2 * 2 * b * b * head_dim
+
+
 def _block(t: int) -> int:
   return next(b for b in (_MAX_BLOCK, 256, _LANES) if t % b == 0)
 

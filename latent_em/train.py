@@ -12,7 +12,9 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from absl import logging
+from jax.sharding import Mesh
 
 from latent_em import checkpoint, config_lib, io_utils, model as model_lib, optim, runtime
 from latent_em import sharding, train_step as ts
@@ -140,6 +142,63 @@ def input_stats(task_name: str) -> dict[str, int]:
   return total
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """What a training run compiles, built from the config and a list of devices.
+
+  The devices may be real or compile-only (a TPU topology description): nothing here touches
+  device memory, so the fit check (`tools/preflight.py`) lowers the very step `run` executes.
+  """
+  mesh: Mesh
+  rules: list[tuple[str, Any]]
+  model_cfg: model_lib.ModelConfig
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: ts.TrainState     # ShapeDtypeStructs carrying their shardings
+  state_sharding: ts.TrainState     # NamedShardings
+  step_fn: Any                      # jitted (state, batch) -> (state, metrics); state donated
+  batch_spec: dict[str, jax.ShapeDtypeStruct]  # the global batch: [B, T] each, batch-sharded
+  grad_accum: int
+
+  def lower(self):
+    """The train step lowered for the abstract state and batch (call .compile() on it)."""
+    return self.step_fn.lower(self.abstract_state, self.batch_spec)
+
+
+def batch_spec(mesh: Mesh, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract global batch as `pipeline` produces it: [B, T] per key, sharded like
+  `sharding.host_to_global` places it (int32, loss_weights fp32)."""
+  from latent_em.data import pipeline
+  spec = sharding.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct((batch_size, seq_len),
+                                  np.float32 if k == "loss_weights" else np.int32, sharding=spec)
+          for k in pipeline.BATCH_KEYS}
+
+
+def build(config, model_cfg: model_lib.ModelConfig, devices: list) -> TrainSetup:
+  """Mesh, optimizer, abstract state with shardings, jitted step and batch spec for `config`
+  on `devices` (e.g. `jax.devices()`, or a topology's compile-only devices)."""
+  cfg_train: TrainConfig = runtime.section(config, "train")
+  cfg_data = runtime.section(config, "data")
+  cfg_mesh = runtime.section(config, "mesh")
+  mesh = sharding.make_mesh(cfg_mesh, devices)
+  rules = cfg_mesh.rules_list
+  dp = sharding.data_parallel_size(mesh)
+  if cfg_data.batch_size % (cfg_train.grad_accum * dp):
+    raise config_lib.ConfigError(
+        f"config.data.batch_size={cfg_data.batch_size} must be divisible by grad_accum "
+        f"({cfg_train.grad_accum}) x data-parallel devices ({dp})")
+  tx, schedule = optim.make_optimizer(runtime.section(config, "optim"), cfg_train.steps)
+  abstract, state_sharding = ts.state_shardings(model_cfg, tx, mesh, rules)
+  step_fn = ts.jit_train_step(
+      ts.make_train_step(model_cfg, tx, schedule, cfg_train.grad_accum, mesh, rules), mesh,
+      state_sharding)
+  return TrainSetup(mesh=mesh, rules=rules, model_cfg=model_cfg, tx=tx, schedule=schedule,
+                    abstract_state=abstract, state_sharding=state_sharding, step_fn=step_fn,
+                    batch_spec=batch_spec(mesh, cfg_data.batch_size, cfg_data.seq_len),
+                    grad_accum=cfg_train.grad_accum)
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """Trains per `config`; returns (and writes WORKDIR/train_summary.json) the final metrics."""
   from clu import metric_writers
@@ -148,9 +207,7 @@ def run(config, workdir: str) -> dict[str, Any]:
 
   cfg_train: TrainConfig = runtime.section(config, "train")
   cfg_data = runtime.section(config, "data")
-  cfg_optim = runtime.section(config, "optim")
   cfg_ckpt = runtime.section(config, "checkpoint")
-  cfg_mesh = runtime.section(config, "mesh")
   os.makedirs(workdir, exist_ok=True)
 
   train_files = runtime.resolve_files(config, cfg_data.train_files, workdir,
@@ -160,12 +217,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   tokenizer = runtime.get_tokenizer(config, workdir, train_files)
   cfg_model = runtime.model_config(config, tokenizer)
 
-  mesh = sharding.make_mesh(cfg_mesh)
-  rules = cfg_mesh.rules_list
-  if cfg_data.batch_size % (cfg_train.grad_accum * sharding.data_parallel_size(mesh)):
-    raise config_lib.ConfigError(
-        f"config.data.batch_size={cfg_data.batch_size} must be divisible by grad_accum "
-        f"({cfg_train.grad_accum}) x data-parallel devices ({sharding.data_parallel_size(mesh)})")
+  setup = build(config, cfg_model, jax.devices())
+  mesh, rules, tx = setup.mesh, setup.rules, setup.tx
 
   task_name = training_task(config, workdir, train_files, val_files, tokenizer)
 
@@ -175,8 +228,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     return pipeline.get_dataset(task_name, "train", cfg_data.seq_len, cfg_data.batch_size,
                                 bos_id=tokenizer.bos_id, seed=cfg_data.seed, pack=cfg_data.pack)
 
-  tx, schedule = optim.make_optimizer(cfg_optim, cfg_train.steps)
-  abstract, state_sharding = ts.state_shardings(cfg_model, tx, mesh, rules)
+  abstract, state_sharding = setup.abstract_state, setup.state_sharding
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg_ckpt)
   start = ckpt.latest_step()
   if start is not None:
@@ -193,9 +245,7 @@ def run(config, workdir: str) -> dict[str, Any]:
     batches = pipeline.BatchIterator(train_dataset, start_batch=0)
     start = 0
 
-  step_fn = ts.jit_train_step(
-      ts.make_train_step(cfg_model, tx, schedule, cfg_train.grad_accum, mesh, rules), mesh,
-      state_sharding)
+  step_fn = setup.step_fn
   eval_fn = (ts.make_eval_step(cfg_model, mesh, state_sharding.params, rules) if val_files
              else None)
 

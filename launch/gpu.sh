@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs latent_em on GPUs: on this node, or on several nodes through SLURM.
 #
-#   launch/gpu.sh [--dry-run] -- --config=configs/X.py --workdir=DIR [...]
+#   launch/gpu.sh [--dry-run] [--preflight] -- --config=configs/X.py --workdir=DIR [...]
 #   launch/gpu.sh --slurm NODES GPUS_PER_NODE [--dry-run] -- --config=configs/X.py --workdir=DIR
 #
 # One process drives all GPUs of its node. --slurm submits launch/slurm.sbatch, which starts one
-# process per node with srun (DIR must then be on a filesystem every node sees).
+# process per node with srun (DIR must then be on a filesystem every node sees). --preflight
+# first compiles the job for this node's GPUs and prints its memory per device (the fit check,
+# python -m latent_em.tools.preflight --topology=local); the job starts only if it fits.
 # Run it from the repository root (config paths are relative to it).
 #
 # Environment:
@@ -16,11 +18,12 @@
 # --dry-run prints the command instead of running it.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
-DRY_RUN=0 NODES="" GPUS_PER_NODE=""
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+DRY_RUN=0 NODES="" GPUS_PER_NODE="" PREFLIGHT=0
 while [[ $# -gt 0 && $1 != -- ]]; do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
+    --preflight) PREFLIGHT=1 ;;
     --slurm)
       [[ $# -ge 3 ]] || usage
       NODES=$2 GPUS_PER_NODE=$3
@@ -35,6 +38,11 @@ done
 
 run() { if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 
+if [[ $PREFLIGHT == 1 && -n $NODES ]]; then
+  echo "gpu.sh: --preflight compiles for this node's GPUs; run it on a GPU node without --slurm" >&2
+  exit 2
+fi
+
 if [[ -n $NODES ]]; then
   read -ra extra <<< "${SBATCH_ARGS:-}"
   # slurm.sbatch adds the XLA flags and the jax.distributed environment on the nodes.
@@ -44,5 +52,9 @@ if [[ -n $NODES ]]; then
 else
   # Lets XLA overlap collectives (data/fsdp all-reduces, all-gathers) with compute.
   xla="--xla_gpu_enable_latency_hiding_scheduler=true${XLA_FLAGS:+ $XLA_FLAGS}"
+  if [[ $PREFLIGHT == 1 ]]; then
+    # Exits 1 when the job does not fit (set -e stops here), 2 when it cannot be checked.
+    run env XLA_FLAGS="$xla" "${PYTHON:-python}" -m latent_em.tools.preflight --topology=local "$@"
+  fi
   run env XLA_FLAGS="$xla" "${PYTHON:-python}" -m latent_em.main "$@"
 fi

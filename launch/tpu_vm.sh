@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Runs one latent_em job on a fresh Cloud TPU VM, copies its log back and deletes the VM.
 #
-#   launch/tpu_vm.sh NAME ZONE ACCELERATOR_TYPE [--dry-run] -- \
+#   launch/tpu_vm.sh NAME ZONE ACCELERATOR_TYPE [--dry-run] [--skip-preflight] -- \
 #       --config=configs/X.py --workdir=DIR [--config.a.b=v ...]
 #
+# First, here, the fit check (python -m latent_em.tools.preflight, needs `pip install -e
+# '.[tpu]'`) compiles the job for ACCELERATOR_TYPE's topology; if it does not fit, or the check
+# cannot run, nothing is created (--skip-preflight launches without it).
 # Every worker of the slice runs `python -m latent_em.main ARGS` (in a Python 3.11 virtualenv,
 # with --config.distributed=on: jax.distributed finds the other workers through the TPU
 # metadata server). On a multi-host slice DIR must be shared by all workers (a gs:// bucket).
@@ -18,17 +21,19 @@
 #   LOG_DIR          where the log (and a non-gs:// workdir) come back (default: launch_logs/NAME)
 #   PYTHON_VERSION   Python of the workers' virtualenv (default 3.11)
 #   KEEP=1           keep the VM afterwards (it is deleted on exit otherwise, failures included)
+#   PYTHON           interpreter here for the fit check (default: python)
 # --dry-run prints every command instead of running it.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [[ $# -ge 3 ]] || usage
 NAME=$1 ZONE=$2 ACCELERATOR_TYPE=$3
 shift 3
-DRY_RUN=0
+DRY_RUN=0 PREFLIGHT=1
 while [[ $# -gt 0 && $1 != -- ]]; do
   case $1 in
     --dry-run) DRY_RUN=1 ;;
+    --skip-preflight) PREFLIGHT=0 ;;
     *) echo "tpu_vm.sh: unknown option '$1' (arguments for latent_em.main go after --)" >&2
        exit 2 ;;
   esac
@@ -80,6 +85,25 @@ WHERE=(--zone="$ZONE")
 if [[ -n ${PROJECT:-} ]]; then WHERE+=(--project="$PROJECT"); fi
 CREATE=(--accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME_VERSION")
 if [[ ${SPOT:-0} == 1 ]]; then CREATE+=(--spot); fi
+
+# The fit check, before anything is created: the same config arguments (the check reads the
+# workdir only for a tokenizer that sizes the vocabulary).
+if [[ $PREFLIGHT == 1 ]]; then
+  set +e
+  run "${PYTHON:-python}" -m latent_em.tools.preflight --topology="$ACCELERATOR_TYPE" "${ARGS[@]}"
+  rc=$?
+  set -e
+  if [[ $rc == 1 ]]; then
+    echo "tpu_vm.sh: the job does not fit $ACCELERATOR_TYPE (report above); nothing was created." \
+      "Change the config (e.g. --config.train.grad_accum, --config.mesh.shape) or a bigger" \
+      "slice, or launch anyway with --skip-preflight" >&2
+    exit 1
+  elif [[ $rc != 0 ]]; then
+    echo "tpu_vm.sh: the fit check could not run (above); nothing was created. Install it here" \
+      "with pip install -e '.[tpu]', or launch without it: --skip-preflight" >&2
+    exit "$rc"
+  fi
+fi
 
 cleanup() {
   local rc=$?

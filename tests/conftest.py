@@ -8,6 +8,10 @@ import sys
 
 import pytest
 
+# The suite runs on the CPU. With libtpu installed (the test extra brings it for the fit check),
+# jax would otherwise first try, and fail, to open a TPU in every test process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
 

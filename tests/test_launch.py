@@ -69,6 +69,9 @@ def test_tpu_vm_dry_run_prints_every_step(tmp_path):
            "--break-system-packages) && python3 -m uv venv -q --python 3.11 ~/latent_em_venv && "
            "cd latent_em && python3 -m uv pip install -q --python ~/latent_em_venv/bin/python "
            "-e . 'jax[tpu]'")
+  # The fit check runs here first, with the job's arguments, for the slice's accelerator type.
+  assert cmds[0] == ["python", "-m", "latent_em.tools.preflight", "--topology=v4-8", *args]
+  cmds = cmds[1:]
   assert cmds[:4] == [
       [*TPU, "create", "t1", *where, "--accelerator-type=v4-8", "--version=tpu-ubuntu2204-base"],
       [*TPU, "ssh", "t1", *where, "--worker=all", "--command=mkdir -p latent_em"],
@@ -91,8 +94,8 @@ def test_tpu_vm_dry_run_prints_every_step(tmp_path):
 
 
 def test_tpu_vm_env_overrides():
-  proc = _bash("tpu_vm.sh", "t2", "us-west4-a", "v5litepod-16", "--dry-run", "--",
-               "--config=configs/tiny.py:steps=5", "--config.distributed=auto",
+  proc = _bash("tpu_vm.sh", "t2", "us-west4-a", "v5litepod-16", "--dry-run", "--skip-preflight",
+               "--", "--config=configs/tiny.py:steps=5", "--config.distributed=auto",
                SPOT="1", PROJECT="proj", GCS_WORKDIR="gs://bucket/runs/",
                REPO_URL="https://x/y.git", REPO_REF="v1", KEEP="1", LOG_DIR="/tmp/logs",
                PYTHON_VERSION="3.12")
@@ -126,21 +129,54 @@ def test_tpu_vm_rejects_bad_arguments_before_creating_anything(args, message):
   assert message in proc.stderr
 
 
+def _fakes(tmp_path, preflight_exit: int = 0) -> dict[str, str]:
+  """A gcloud that records its calls and fails the job step, and a python (for the fit check)
+  that records its arguments and exits with `preflight_exit`."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  gcloud = bin_dir / "gcloud"
+  gcloud.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                    'case "$*" in *latent_em.main*) exit 3 ;; esac\n')
+  python = bin_dir / "fake_python"
+  python.write_text(f'#!/usr/bin/env bash\necho "$*" >> "$PREFLIGHT_CALLS"\n'
+                    f'echo "report"\nexit {preflight_exit}\n')
+  for f in (gcloud, python):
+    f.chmod(0o755)
+  return dict(CALLS=str(tmp_path / "calls.txt"), PREFLIGHT_CALLS=str(tmp_path / "preflight.txt"),
+              PYTHON=str(python), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
 def test_tpu_vm_failure_still_fetches_log_and_deletes(tmp_path):
   """A real (not dry) run against a fake gcloud whose job step fails."""
-  calls = tmp_path / "calls.txt"
-  fake = tmp_path / "bin" / "gcloud"
-  fake.parent.mkdir()
-  fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
-                  'case "$*" in *latent_em.main*) exit 3 ;; esac\n')
-  fake.chmod(0o755)
+  fakes = _fakes(tmp_path)
   proc = _bash("tpu_vm.sh", "t4", "zone", "v4-8", "--", "--config=configs/tiny.py",
-               "--workdir=gs://b/w", cwd=str(tmp_path), CALLS=str(calls),
-               PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+               "--workdir=gs://b/w", cwd=str(tmp_path), **fakes)
   assert proc.returncode == 3, proc.stderr
-  steps = [line.split()[3] for line in calls.read_text().splitlines()]
+  assert (tmp_path / "preflight.txt").read_text().split() == [
+      "-m", "latent_em.tools.preflight", "--topology=v4-8", "--config=configs/tiny.py",
+      "--workdir=gs://b/w"]
+  steps = [line.split()[3] for line in (tmp_path / "calls.txt").read_text().splitlines()]
   assert steps == ["create", "ssh", "scp", "ssh", "ssh", "scp", "delete"]
   assert (tmp_path / "launch_logs" / "t4").is_dir()
+
+
+@pytest.mark.parametrize("preflight_exit, message", [
+    (1, "does not fit v5litepod-8"), (2, "the fit check could not run"),
+    (3, "the fit check could not run")])
+def test_tpu_vm_stops_before_creating_when_the_fit_check_fails(tmp_path, preflight_exit,
+                                                                message):
+  fakes = _fakes(tmp_path, preflight_exit)
+  proc = _bash("tpu_vm.sh", "t5", "zone", "v5litepod-8", "--", "--config=configs/tiny.py",
+               "--workdir=gs://b/w", cwd=str(tmp_path), **fakes)
+  assert proc.returncode == preflight_exit
+  assert message in proc.stderr and "--skip-preflight" in proc.stderr
+  assert proc.stdout == "report\n"  # the check's report reaches the user
+  assert not os.path.exists(fakes["CALLS"])  # gcloud never ran: nothing created or deleted
+  # --skip-preflight launches without it.
+  proc = _bash("tpu_vm.sh", "t5", "zone", "v5litepod-8", "--skip-preflight", "--",
+               "--config=configs/tiny.py", "--workdir=gs://b/w", cwd=str(tmp_path), **fakes)
+  assert proc.returncode == 3  # the fake job step
+  assert (tmp_path / "preflight.txt").read_text().count("preflight") == 1
 
 
 # ----------------------------------------------------------------------------- GPU / SLURM
@@ -157,6 +193,24 @@ def test_gpu_single_node():
   assert _commands(proc.stdout) == [
       ["env", f"XLA_FLAGS={GPU_XLA} --xla_dump_to=/tmp/d", "python3.11", "-m", "latent_em.main",
        *args]]
+
+
+def test_gpu_preflight_runs_the_local_fit_check_first(tmp_path):
+  args = ["--config=configs/tiny.py", "--workdir=/tmp/w"]
+  proc = _bash("gpu.sh", "--dry-run", "--preflight", "--", *args)
+  assert proc.returncode == 0, proc.stderr
+  env = ["env", f"XLA_FLAGS={GPU_XLA}", "python"]
+  assert _commands(proc.stdout) == [
+      [*env, "-m", "latent_em.tools.preflight", "--topology=local", *args],
+      [*env, "-m", "latent_em.main", *args]]
+  # A job that does not fit does not start.
+  fakes = _fakes(tmp_path, preflight_exit=1)
+  proc = _bash("gpu.sh", "--preflight", "--", *args, **fakes)
+  assert proc.returncode == 1 and proc.stdout == "report\n"
+  assert (tmp_path / "preflight.txt").read_text().split()[:3] == [
+      "-m", "latent_em.tools.preflight", "--topology=local"]
+  proc = _bash("gpu.sh", "--slurm", "2", "8", "--preflight", "--dry-run", "--", *args)
+  assert proc.returncode == 2 and "without --slurm" in proc.stderr and proc.stdout == ""
 
 
 def test_gpu_slurm_submit():

@@ -113,15 +113,37 @@ class Chunk:
   samples: list[continuous.Sample] | None = None
 
 
-def resolve_attention(name: str) -> str:
-  """config.estep.attention "auto" -> the Pallas ragged kernel on TPU, dense XLA elsewhere."""
-  on_tpu = jax.default_backend() == "tpu"
+def resolve_attention(name: str, platform: str | None = None) -> str:
+  """config.estep.attention "auto" -> the Pallas ragged kernel on TPU, dense XLA elsewhere
+  (`platform`: of the devices the programs are compiled for; default: jax's backend)."""
+  platform = platform or jax.default_backend()
+  on_tpu = platform == "tpu"
   if name == "auto":
     return "ragged" if on_tpu else "dense"
   config_lib.check(name != "ragged" or on_tpu, "config.estep.attention",
-                   f"'ragged' is a TPU kernel and this runs on {jax.default_backend()}; "
-                   "use auto or dense")
+                   f"'ragged' is a TPU kernel and this runs on {platform}; use auto or dense")
   return name
+
+
+def make_sampler(cfg: EStepConfig, model_cfg: model_lib.ModelConfig,
+                 sampling: sampler_lib.SamplingConfig, stop_ids: tuple[int, ...],
+                 mesh: jax.sharding.Mesh | None = None, rules=None, platform: str | None = None
+                 ) -> continuous.ContinuousSampler:
+  """The E-step's decoding rows: `batch_chunks * num_samples` rows of a ContinuousSampler over
+  the model's DecodeModel (the Engine's, and what the fit check compiles)."""
+  decode_model = sampler_lib.DecodeModel.for_model(
+      model_cfg, attention=resolve_attention(cfg.attention, platform))
+  return continuous.ContinuousSampler(
+      decode_model, sampling, stop_ids=stop_ids,
+      rows=cfg.batch_chunks * cfg.num_samples, ring=cfg.max_seq_len,
+      samples_per_prompt=cfg.num_samples, prefill_prompts=cfg.prefill_chunks,
+      prompt_bucket=cfg.prompt_bucket, mesh=mesh, rules=rules)
+
+
+def scorer_config(model_cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:
+  """The model as the joint scorer runs it: layers unrolled over the decode-layout params,
+  no remat (forward only)."""
+  return dataclasses.replace(model_cfg, scan_layers=False, remat="none")
 
 
 class Engine:
@@ -149,18 +171,13 @@ class Engine:
         banned | set(cfg.sampling.banned_ids))))
     self.sampling = sampling
     rules = list(rules or sharding.DEFAULT_RULES)
-    self.decode_model = sampler_lib.DecodeModel.for_model(
-        model_cfg, attention=resolve_attention(cfg.attention))
+    self.sampler = make_sampler(cfg, model_cfg, sampling, (self.eol, tokenizer.eos_id), mesh,
+                                rules)
+    self.decode_model = self.sampler.model
     # Scoring reads the same per-layer, compute-dtype params as decoding: one copy on device.
     self.params = sampler_lib.place_params(self.decode_model, params, mesh, rules)
     del params
-    score_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat="none")
-    self.sampler = continuous.ContinuousSampler(
-        self.decode_model, sampling, stop_ids=(self.eol, tokenizer.eos_id),
-        rows=cfg.batch_chunks * cfg.num_samples, ring=cfg.max_seq_len,
-        samples_per_prompt=cfg.num_samples, prefill_prompts=cfg.prefill_chunks,
-        prompt_bucket=cfg.prompt_bucket, mesh=mesh, rules=rules)
-    self.logprob_fn = scoring.make_token_logprobs(score_cfg)
+    self.logprob_fn = scoring.make_token_logprobs(scorer_config(model_cfg), mesh=mesh, rules=rules)
 
   def _put(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     if self.mesh is None:

@@ -140,6 +140,18 @@ class _Bar:
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not self.enabled)
 
 
+def eval_mesh(config, model_cfg: model_lib.ModelConfig, devices: list
+              ) -> tuple[jax.sharding.Mesh | None, list | None, Any]:
+  """(mesh, rules, parameter shardings) of the evaluation over `devices` (one host's, real or
+  compile-only); all None on a single device (plain arrays, no sharding constraints)."""
+  if len(devices) <= 1:
+    return None, None, None
+  mesh_cfg = runtime.section(config, "mesh")
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  rules = mesh_cfg.rules_list
+  return mesh, rules, sharding.logical_to_sharding(model_lib.logical_axes(model_cfg), mesh, rules)
+
+
 def run(config, workdir: str) -> dict[str, Any]:
   """Evaluates config.eval.init_from; returns (and writes WORKDIR/eval/results.json) the results."""
   from latent_em import train  # pylint: disable=g-import-not-at-top  (train imports runtime)
@@ -153,13 +165,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   tokenizer = estep_job.tokenizer_for(config, cfg.init_from, "config.eval.init_from")
   model_cfg = runtime.model_config(config, tokenizer)
   params = train.load_init_params(cfg.init_from, model_cfg, key="config.eval.init_from")
-  mesh_cfg = runtime.section(config, "mesh")
-  mesh = rules = None  # one device: plain arrays, no sharding constraints
-  if jax.local_device_count() > 1:
-    mesh = sharding.make_mesh(mesh_cfg, jax.local_devices())
-    rules = mesh_cfg.rules_list
-    params = jax.device_put(params, sharding.logical_to_sharding(
-        model_lib.logical_axes(model_cfg), mesh, rules))
+  mesh, rules, param_shardings = eval_mesh(config, model_cfg, jax.local_devices())
+  if mesh is not None:
+    params = jax.device_put(params, param_shardings)
   data_seq_len = runtime.section(config, "data").seq_len
   bar = _Bar(cfg.progress_bar)
 

@@ -126,6 +126,7 @@ class ContinuousSampler:
     out = None
     if self.mesh is not None:
       out = sampler_lib.state_shardings(model, jax.eval_shape(init), self.mesh, self.rules)
+    self._state_shardings = out
     rules = functools.partial(sharding.with_logical_rules, mesh=self.mesh, rules=self.rules)
     self._programs = {
         "init": jax.jit(init, out_shardings=out),
@@ -135,6 +136,26 @@ class ContinuousSampler:
                                                   self.stop_ids)),
                           donate_argnums=(1,), out_shardings=out),
     }
+
+  def lower(self, params) -> dict[str, tuple[Any, tuple]]:
+    """The refill (at the largest prompt bucket, `ring - max_gen_len`) and decode programs,
+    lowered for abstract prepared `params` (ShapeDtypeStructs, with shardings on a mesh), with
+    their abstract arguments: what a fit check compiles, no device memory touched."""
+    self._compile(params)
+    state = jax.eval_shape(self._programs["init"])
+    if self._state_shardings is not None:
+      state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           state, self._state_shardings)
+    c, m = self.prefill_prompts, self.prefill_prompts * self.k
+    p = self._bucket(self.ring - self.cfg.max_gen_len)
+    # The host's small int arrays (prompts, rows, limits) reach every device whole.
+    rep = sharding.replicated(self.mesh) if self.mesh is not None else None
+    rows = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    refill_args = (params, state, rows(c, p), rows(c), rows(c, 2, dtype=jnp.uint32), rows(m),
+                   rows(m), rows(m), rows(m))
+    decode_args = (params, state, rows(), rows())
+    return {"refill": (self._programs["refill"].lower(*refill_args), refill_args),
+            "decode": (self._programs["decode"].lower(*decode_args), decode_args)}
 
   def compiled_programs(self) -> int:
     """Compiled variants so far (init + one refill per prompt bucket + decode)."""
