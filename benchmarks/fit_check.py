@@ -23,14 +23,9 @@ CONFIG = os.path.join(REPO, "configs", "bolt_tinyllama.py")
 # name -> (variant, topology, overrides). warmstart: batch 96; mstep: the bootstrap batch 192.
 CASES: dict[str, tuple[str, str, dict]] = {
     "warmstart_v5e8": ("warmstart", "v5e:2x4", {"train.grad_accum": 1}),
-    "warmstart_v5e8_accum2": ("warmstart", "v5e:2x4", {"train.grad_accum": 2}),
-    "warmstart_v5e8_accum3": ("warmstart", "v5e:2x4", {"train.grad_accum": 3}),
     "bootstrap_v5e16": ("mstep", "v5e:4x4", {"train.grad_accum": 1}),
-    "bootstrap_v5e16_accum2": ("mstep", "v5e:4x4", {"train.grad_accum": 2}),
+    "bootstrap_v5e8": ("mstep", "v5e:2x4", {"train.grad_accum": 1}),
     "bootstrap_v5e8_accum2": ("mstep", "v5e:2x4", {"train.grad_accum": 2}),
-    "bootstrap_v5e8_accum3": ("mstep", "v5e:2x4", {"train.grad_accum": 3}),
-    "bootstrap_v5e8_accum4": ("mstep", "v5e:2x4", {"train.grad_accum": 4}),
-    "bootstrap_v5e8_accum6": ("mstep", "v5e:2x4", {"train.grad_accum": 6}),
     "warmstart_v5p8": ("warmstart", "v5p:2x2x1", {"train.grad_accum": 1}),
     "bootstrap_v5p8": ("mstep", "v5p:2x2x1", {"train.grad_accum": 1}),
     "estep_v5e8": ("estep", "v5e:2x4", {}),
