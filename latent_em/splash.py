@@ -2,8 +2,9 @@
 
 The kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) computes softmax attention in
 blocks in VMEM, skipping the blocks the causal mask zeroes, and never writes the [T, S] scores
-to HBM; its backward pass is two more kernels (dq and dk/dv). It handles one sequence ([H, T, Dh]
-queries, [K, S, Dh] keys and values, GQA when K divides H); batches are vmapped over it.
+to HBM; its backward pass is one more kernel that computes dq, dk and dv together. It handles
+one sequence ([H, T, Dh] queries, [K, S, Dh] keys and values, GQA when K divides H); batches are
+vmapped over it.
 
 A Pallas call cannot be partitioned by XLA, so under a mesh it runs inside `shard_map`: each
 device applies the kernel to its own rows and heads. The specs come from the model's logical
@@ -33,10 +34,11 @@ KV_AXES = ("activation_batch", "activation_kv_heads", "activation_length", "acti
 SEGMENT_AXES = ("activation_batch", "activation_length")
 
 
-# Matmuls per visible [block, block] tile in each of the kernel's three programs, as their HLO
-# custom calls are named: forward QK^T and PV; dq: QK^T, dO V^T, dS K; dk/dv: QK^T, P^T dO,
-# dO V^T, dS^T Q. XLA's cost model counts no FLOPs inside a custom call.
-KERNEL_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+# Matmuls per visible [block, block] tile in each of the kernel's programs, as their HLO custom
+# calls are named: forward QK^T and PV; the fused backward QK^T, P^T dO, dO V^T, dS^T Q and
+# dS K (dq in the same pass as dk/dv, instead of a second kernel that recomputes QK^T and
+# dO V^T). XLA's cost model counts no FLOPs inside a custom call.
+KERNEL_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dkv": 5}
 
 
 def kernel_call_flops(kernel: str, heads: int, t: int, head_dim: int) -> float:
@@ -57,7 +59,7 @@ def _kernel(heads: int, t: int):
   tokens. Built anew in each trace: it holds its mask data as arrays of that trace."""
   b = _block(t)
   sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                        block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+                        block_kv_dkv=b, block_kv_dkv_compute=b, use_fused_bwd_kernel=True)
   mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(heads)])
   return sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes)
 
