@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--peak_tflops", type=float, default=0.0,
                  help="nominal peak for MFU (e.g. 989 for H100 bf16); 0: the measured matmul")
   p.add_argument("--json", action="store_true", help="also print one JSON line with all numbers")
+  p.add_argument("--torch_threads", type=int, default=0,
+                 help="torch.set_num_threads (0: one per core); on a loaded machine one thread "
+                      "avoids PyTorch's spinning thread pool (docs/benchmarks.md)")
   p.add_argument("--skip_torch", action="store_true", help="time only the JAX step")
   p.add_argument("--force", action="store_true", help="run a GPU-only preset on CPU anyway")
   args = p.parse_args(argv)
@@ -373,7 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   torch_device = None
   if not args.skip_torch:
     import torch
-    torch.set_num_threads(cores)
+    torch.set_num_threads(args.torch_threads or cores)
     torch_device = "cuda" if backend == "gpu" else "cpu"
     if torch_device == "cuda" and not torch.cuda.is_available():
       result["torch_skipped"] = "JAX runs on GPU but this PyTorch build has no CUDA"
