@@ -43,7 +43,8 @@ from latent_em import config_lib, io_utils, jobs, runtime
 from latent_em.em import report
 from latent_em.em.stages import Stages, derive
 
-BASELINES = ("raw_token_matched", "raw_compute_matched", "raw_fresh", "wrap_cot", "wrap")
+BASELINES = ("raw_token_matched", "raw_compute_matched", "teacher_all", "raw_fresh", "wrap_cot",
+             "wrap")
 WRAP_STYLES = ("wrap_simple", "wrap_scholarly", "wrap_encyclopedic", "wrap_qa")
 
 
@@ -64,6 +65,13 @@ class EMConfig:
       the job's first training run (`base`); every other run starts from it. Exclusive with
       `base`.
     warmstart_epochs / mstep_epochs: passes over each run's data (see the module docstring).
+    finetune_lr: the peak learning rate of every run that starts from the base (warm start,
+      M-steps, baselines); 0 = config.optim.lr. A pretrained base forgets what it knows at
+      the rate that trains it from scratch.
+    replay: the share of the training examples of every run that starts from a base this job
+      pretrained (config.em.base_files) drawn from the base's own documents, so that training
+      on a few hundred exercises keeps what the base knows; 0 = none. Budgets count passes
+      over a run's own data, so its steps grow by 1 / (1 - replay).
     mstep_include_warmstart: the M-step also trains on the warm-start teacher records.
     baselines: any of BASELINES, run after em_iter_1.
     evaluate: run the evaluation job after each training run.
@@ -85,6 +93,8 @@ class EMConfig:
   base_epochs: float = 0.0
   warmstart_epochs: float = 4.0
   mstep_epochs: float = 4.0
+  finetune_lr: float = 0.0
+  replay: float = 0.0
   mstep_include_warmstart: bool = True
   baselines: tuple[str, ...] = ("raw_token_matched", "raw_compute_matched")
   evaluate: bool = True
@@ -104,6 +114,10 @@ class EMConfig:
                      "the baselines are matched to em_iter_1: set config.em.iterations >= 1")
     for name in ("warmstart_epochs", "mstep_epochs"):
       config_lib.check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+    config_lib.check(self.finetune_lr >= 0, f"{key}.finetune_lr", "must be >= 0 (0 = optim.lr)")
+    config_lib.check(0 <= self.replay < 1, f"{key}.replay", f"{self.replay} must be in [0, 1)")
+    config_lib.check(not self.replay or bool(self.base_files), f"{key}.replay",
+                     "replays the base's documents: set config.em.base_files too")
     config_lib.check(not (self.base and self.base_files), f"{key}.base_files",
                      "give a base checkpoint (config.em.base) or documents to pretrain one on "
                      "(config.em.base_files), not both")
@@ -129,8 +143,9 @@ class Experiment:
     self.files = {
         name: resolve(getattr(self.cfg, f"{name}_files"), f"config.em.{name}_files")
         for name in ("warmstart", "bootstrap", "fresh", "validation", "base")}
-    tokenizer = runtime.get_tokenizer(config, self.workdir,
-                                      self.files["warmstart"] + self.files["bootstrap"])
+    tokenizer = runtime.get_tokenizer(
+        config, self.workdir,
+        self.files["warmstart"] + self.files["bootstrap"] + self.files["base"])
     self.tokenizer = tokenizer
     data = runtime.section(config, "data")
     self.batch_size, self.seq_len = data.batch_size, data.seq_len
@@ -206,7 +221,28 @@ class Experiment:
     return pipeline.packed_pass(task, "train", data.seq_len, bos_id=self.tokenizer.bos_id,
                                 seed=data.seed, pack=data.pack)
 
-  def _steps(self, epochs: float, rows: int) -> int:
+  @property
+  def replay(self) -> float:
+    return self.cfg.replay if self.cfg.base_files else 0.0
+
+  def _raw_records(self, files: tuple[str, ...]) -> tuple[str, ...]:
+    """The raw documents of `files` as records without thoughts (stage `raw_records`)."""
+    spec = {"files": files}
+
+    def fn(directory: str) -> dict[str, Any]:
+      from latent_em.data import records  # pylint: disable=g-import-not-at-top
+      recs = [records.DocRecord(doc_id=f"{i:06d}", text=text,
+                                chunks=[records.ChunkRecord(prefix="", suffix=text)])
+              for i, text in enumerate(t for f in files for t in _text_list(self.config, f))]
+      path = os.path.join(directory, "records-00000-of-00001.tfrecord")
+      if jax.process_index() == 0:
+        records.write_shard(recs, path)
+      runtime.sync("raw_records")
+      return {"records": path, "docs": len(recs)}
+
+    return (self.stages.run("raw_records", spec, fn)["records"],)
+
+  def _steps(self, epochs: float, rows: float) -> int:
     return max(1, math.ceil(epochs * rows / self.batch_size))
 
   def _train_run(self, name: str, *, raw_files: tuple[str, ...] = (),
@@ -217,8 +253,14 @@ class Experiment:
     """Trains run `name` from `init_from` (default: the base) for `epochs` of its data or a
     fixed `steps`."""
     init_from = self.base if init_from is None else init_from
+    lr = self.cfg.finetune_lr if init_from and self.cfg.finetune_lr else None
+    replay = self.replay if init_from == self.base else 0.0
+    if replay and raw_files:
+      # Raw documents as records (format "raw"), so they mix with the base's documents by rate.
+      record_files, raw_files, fmt = self._raw_records(raw_files), (), "raw"
     spec = {"raw_files": raw_files, "record_files": record_files, "format": fmt,
             "epochs": epochs, "steps": steps, "base": init_from, "budget": "packed_rows",
+            "lr": lr, "replay": replay,
             "config": self._sections("seed", "model", "optim", "data", "mstep_data", "train")}
 
     def fn(directory: str) -> dict[str, Any]:
@@ -226,9 +268,15 @@ class Experiment:
       data = {"job": "train", "data.train_files": raw_files, "data.validation_files": (),
               "mstep_data.record_files": record_files, "mstep_data.format": fmt,
               "train.init_from": init_from}
+      if lr:
+        data["optim.lr"] = lr
+      # One pass over the run's own data (the replayed documents are not its data).
       epoch = self._epoch(derive(self.config, data), directory)
       rows, tokens = epoch["rows"], epoch["tokens"]
-      n_steps = steps if steps is not None else self._steps(epochs, rows)
+      n_steps = steps if steps is not None else self._steps(epochs, rows / (1 - replay))
+      if replay:
+        data.update({"data.train_files": self.files["base"],
+                     "mstep_data.thought_rate": 1 - replay})
       c = derive(self.config, {**data, "train.steps": n_steps})
       summary = jobs.run(c, directory)
       if thought_trained:
@@ -237,7 +285,8 @@ class Experiment:
       return {"steps": n_steps, "epoch_tokens": tokens, "epoch_rows": rows,
               "fill": tokens / max(rows * self.seq_len, 1),
               "train_tokens": n_steps * self.tokens_per_step, "raw_tokens": raw_tokens,
-              "epochs": n_steps * self.batch_size / max(rows, 1),
+              "epochs": n_steps * self.batch_size * (1 - replay) / max(rows, 1),
+              "replay": replay,
               "final_loss": summary.get("final_loss"),
               "thought_trained": thought_trained, "train_wall_s": summary.get("wall_s"),
               "loss_tokens": summary.get("loss_tokens")}
@@ -286,6 +335,12 @@ class Experiment:
       res = jobs.run(c, directory)
       out = {k: res[k] for k in ("accuracy", "latent_accuracy", "constant_answer_accuracy",
                                  "nll_per_token", "elbo_per_token")}
+      # Per task and variant ("mathcorpus", "mathcorpus:latent"): questions asked, and the
+      # accuracy by equations in the working (built-in corpus).
+      fewshot = res["details"]["fewshot"]
+      out["questions"] = {name: d["n"] for name, d in fewshot.items()}
+      out["per_steps"] = {name: d["per_steps"] for name, d in fewshot.items()
+                          if "per_steps" in d}
       out["samples"] = res.get("samples", [])[:4]
       return out
 
@@ -293,20 +348,23 @@ class Experiment:
 
   # ------------------------------------------------------------------------------- stages
 
-  def teacher(self) -> tuple[str, ...]:
-    if self.cfg.teacher_records:
+  def teacher(self, split: str = "warmstart") -> tuple[str, ...]:
+    """Teacher thoughts for the warm-start documents (stage `teacher`), or for the bootstrap
+    documents (`teacher_bootstrap`, for the teacher_all baseline)."""
+    if self.cfg.teacher_records and split == "warmstart":
       return tuple(self.cfg.teacher_records)
-    spec = {"files": self.files["warmstart"], "kind": "latent_thoughts",
-            "config": self._sections("synthesis")}
+    files = self.files[split]
+    spec = {"files": files, "kind": "latent_thoughts", "config": self._sections("synthesis")}
 
     def fn(directory: str) -> dict[str, Any]:
       c = derive(self.config, {"job": "synthesize", "synthesis.kind": "latent_thoughts",
-                               "synthesis.input_files": self.files["warmstart"]})
+                               "synthesis.input_files": files})
       summary = jobs.run(c, directory)
       return {"records": summary["shard_pattern"], "chunks": summary["chunks"],
               "chunks_with_thought": summary["chunks_with_thought"]}
 
-    return (self.stages.run("teacher", spec, fn)["records"],)
+    name = "teacher" if split == "warmstart" else f"teacher_{split}"
+    return (self.stages.run(name, spec, fn)["records"],)
 
   def pretrain_base(self) -> None:
     """Run `base`: pretrained from random initialisation on config.em.base_files (if set)."""
@@ -341,8 +399,9 @@ class Experiment:
                                "estep.init_from": model_dir,
                                "estep.seed": self.config.estep.seed + t})
       summary = jobs.run(c, directory)
-      keep = ("chunks", "mean_thought_len", "frac_ended", "mean_ess", "elbo_per_token",
-              "wall_s", "gen_tokens_per_s")
+      keep = ("chunks", "mean_thought_len", "frac_ended_with_eol", "mean_ess",
+              "mean_distinct_samples", "identical_share", "elbo_per_token", "wall_s_this_run",
+              "num_samples")
       out = {k: summary[k] for k in keep if k in summary}
       out["records"] = os.path.join(directory, "estep", "records-*.tfrecord")
       return out
@@ -351,6 +410,18 @@ class Experiment:
     return out["records"]
 
   # ------------------------------------------------------------------------------- the loop
+
+  def _doc_count(self, record_globs: tuple[str, ...]) -> int:
+    from latent_em.data import records  # pylint: disable=g-import-not-at-top
+    return sum(1 for _ in records.read_records(list(record_globs)))
+
+  def mstep_steps(self, teacher: tuple[str, ...], n_docs: int) -> int:
+    """The M-step budget: mstep_epochs passes over `n_docs` documents at the warm start's
+    packed rows per document. It grows with the data, does not depend on the thoughts an
+    E-step happened to write, and is one step count for every M-step, so raw_compute_matched
+    and teacher_all are matched to each EM iteration."""
+    rows_per_doc = self.runs["warmstart"]["train"]["epoch_rows"] / self._doc_count(teacher)
+    return self._steps(self.cfg.mstep_epochs, rows_per_doc * n_docs / (1 - self.replay))
 
   def run(self) -> dict[str, Any]:
     cfg = self.cfg
@@ -362,37 +433,55 @@ class Experiment:
                     thought_trained=True, raw_tokens=self._record_raw_tokens(teacher))
     self._thought_quality("warmstart", teacher)
     self._eval_run("warmstart")
+    n_docs = self._doc_count(teacher) * cfg.mstep_include_warmstart + sum(
+        1 for f in self.files["bootstrap"] for _ in _texts(self.config, f))
+    steps = self.mstep_steps(teacher, n_docs)
     all_raw_tokens = self._raw_tokens(raw_all)
-    if "raw_token_matched" in cfg.baselines:
-      self._train_run("raw_token_matched", raw_files=raw_all, epochs=cfg.mstep_epochs,
-                      raw_tokens=all_raw_tokens)
-      self._eval_run("raw_token_matched")
+    self._baselines(steps, teacher, raw_all, all_raw_tokens)
     previous = self.stages.path("runs/warmstart/train")
     for t in range(1, cfg.iterations + 1):
       thoughts = self.estep(t, previous)
       record_files = ((*teacher, thoughts) if cfg.mstep_include_warmstart else (thoughts,))
       name = f"em_iter_{t}"
-      self._train_run(name, record_files=record_files, epochs=cfg.mstep_epochs,
-                      thought_trained=True, raw_tokens=self._record_raw_tokens(record_files))
+      self._train_run(name, record_files=record_files, steps=steps, thought_trained=True,
+                      raw_tokens=self._record_raw_tokens(record_files))
       self._thought_quality(name, (thoughts,))  # the E-step's thoughts, not the teacher's
+      self.runs[name]["estep"] = self.stages.done(f"estep/iter_{t}")["outputs"]
       self._eval_run(name)
       previous = self.stages.path(f"runs/{name}/train")
-      if t == 1:
-        self._baselines_matched_to(self.runs[name]["train"]["steps"], raw_all, all_raw_tokens)
     results = report.collect(self.runs)
-    results["details"] = {"workdir": self.workdir, "stage_wall_s": self.stages.timings,
+    # Each stage's own wall time (a stage done earlier or linked by reuse: when it ran).
+    walls = {n: (self.stages.done(n) or {}).get("wall_s") for n in self.stages.timings}
+    results["details"] = {"workdir": self.workdir, "stage_wall_s": walls,
+                          "reused_or_resumed": sorted(n for n, t in self.stages.timings.items()
+                                                      if t == 0.0),
                           "wall_s": time.perf_counter() - started,
-                          "tokens_per_step": self.tokens_per_step}
+                          "tokens_per_step": self.tokens_per_step, "mstep_steps": steps,
+                          "num_samples": runtime.section(self.config, "estep").num_samples}
     if jax.process_index() == 0:
       report.write(results, self.workdir, plots=cfg.plots)
     return results
 
-  def _baselines_matched_to(self, steps: int, raw_all: tuple[str, ...], raw_tokens: int):
+  def _baselines(self, steps: int, teacher: tuple[str, ...], raw_all: tuple[str, ...],
+                 raw_tokens: int):
+    """The runs without EM, on the same raw documents as the M-steps: raw_token_matched (the
+    M-step's passes over the raw text), and, for the M-step budget, raw_compute_matched,
+    teacher_all (the teacher's thoughts on every document), raw_fresh and the paraphrases."""
     cfg = self.cfg
+    if "raw_token_matched" in cfg.baselines:
+      self._train_run("raw_token_matched", raw_files=raw_all, epochs=cfg.mstep_epochs,
+                      raw_tokens=raw_tokens)
+      self._eval_run("raw_token_matched")
     if "raw_compute_matched" in cfg.baselines:
       self._train_run("raw_compute_matched", raw_files=raw_all, steps=steps,
                       raw_tokens=raw_tokens)
       self._eval_run("raw_compute_matched")
+    if "teacher_all" in cfg.baselines:
+      records = (*teacher, *self.teacher("bootstrap"))
+      self._train_run("teacher_all", record_files=records, steps=steps, thought_trained=True,
+                      raw_tokens=self._record_raw_tokens(records))
+      self._thought_quality("teacher_all", records)
+      self._eval_run("teacher_all")
     if "raw_fresh" in cfg.baselines:
       files = raw_all + self.files["fresh"]
       self._train_run("raw_fresh", raw_files=files, steps=steps,
@@ -404,6 +493,16 @@ class Experiment:
         self._train_run(baseline, record_files=recs, fmt="pure", steps=steps,
                         raw_tokens=raw_tokens)
         self._eval_run(baseline)
+
+
+def _text_list(config, path: str) -> list[str]:
+  return [t for _, t in _texts(config, path)]
+
+
+def _texts(config, path: str):
+  from latent_em.data import sources  # pylint: disable=g-import-not-at-top
+  data = runtime.section(config, "data")
+  return sources.read_texts(path, data.text_field, "skip", sources.InputStats())
 
 
 def run(config, workdir: str) -> dict[str, Any]:

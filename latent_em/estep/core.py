@@ -151,7 +151,7 @@ class Engine:
       p_ids, x_ids = self.tok.encode(prefix), self.tok.encode(suffix)
       n_suffix = len(x_ids)
       p_ids, x_ids, p_cut, x_cut = fit_to_budget(p_ids, x_ids, budget)
-      prompt = ([self.tok.bos_id] + p_ids + [self.sol, self.eol] + x_ids + [self.sol, self.post])
+      prompt = formats.posterior_prompt_ids(self.tok.bos_id, p_ids, x_ids, self.tok.latent_ids)
       items.append((p_ids, x_ids, p_cut, x_cut, n_suffix, prompt))
     # Pad the batch to a fixed size and prompts to a bucket multiple: one compile per bucket.
     n_real = len(items)
@@ -179,8 +179,8 @@ class Engine:
         z = sample.tokens[row, :n].tolist()
         ended = bool(sample.finished[row]) and n > 0 and z[-1] == self.eol
         body = z[:-1] if bool(sample.finished[row]) else z
-        target = [self.sol, self.prior] + body + [self.eol] + x_ids
-        joint_pairs.append(([self.tok.bos_id] + p_ids, target))
+        joint_pairs.append(formats.joint_ids(self.tok.bos_id, p_ids, body, x_ids,
+                                             self.tok.latent_ids))
         meta.append((body, ended, float(sample.logprobs[row, :n].sum())))
     log_joint = scoring.score(self.logprob_fn, self.params, joint_pairs, cfg.max_seq_len,
                               rows_per_batch=max(cfg.score_rows, self._row_multiple()),

@@ -67,8 +67,14 @@ def process_shard(engine: core.Engine, docs: list[tuple[str, str]], cfg: core.ES
   rng = jax.random.fold_in(jax.random.key(cfg.seed), shard)
   select_rng = np.random.default_rng([cfg.seed, shard])
   pairs, owners = [], []
+  out = [records.DocRecord(doc_id=doc_id, text=text, meta={"estep_shard": shard})
+         for doc_id, text in docs]
   for d, (_, text) in enumerate(docs):
     for pair in chunking.chunk_pairs(text, cfg.chunking):
+      if pair.context:  # chunking.context_until: no thought; trained as raw text
+        out[d].chunks.append(records.ChunkRecord(prefix=pair.prefix, suffix=pair.suffix,
+                                                 source="context"))
+        continue
       pairs.append((pair.prefix, pair.suffix))
       owners.append(d)
   results: list[core.ChunkResult] = []
@@ -79,8 +85,6 @@ def process_shard(engine: core.Engine, docs: list[tuple[str, str]], cfg: core.ES
     if progress is not None:
       progress.update(len(batch))
       progress.generated += sum(len(r.thought_ids) for r in batch) * cfg.num_samples
-  out = [records.DocRecord(doc_id=doc_id, text=text, meta={"estep_shard": shard})
-         for doc_id, text in docs]
   for (prefix, suffix), d, r in zip(pairs, owners, results):
     out[d].chunks.append(records.ChunkRecord(
         prefix=prefix, suffix=suffix, thought=r.thought, log_weights=r.log_weights,
@@ -91,17 +95,23 @@ def process_shard(engine: core.Engine, docs: list[tuple[str, str]], cfg: core.ES
 
 def summarize(paths: list[str], ks) -> dict[str, Any]:
   """Aggregate statistics of finished shards (read back from the records)."""
-  n_docs = n_chunks = ended = cut = 0
-  thought_len, ess, suffix_tokens = [], [], 0
+  n_docs = n_chunks = ended = cut = identical = 0
+  thought_len, ess, distinct, suffix_tokens = [], [], [], 0
   elbo_sum = {str(k): 0.0 for k in ks}
   for rec in records.read_records(paths):
     n_docs += 1
     for c in rec.chunks:
+      if c.source == "context":
+        continue
       n_chunks += 1
       ended += c.ended
       cut += c.cut_tokens
       thought_len.append(c.thought_len)
       ess.append(weights.effective_sample_size(np.asarray(c.log_weights)))
+      # Samples with equal log-weights (equal log p and log q) are, in practice, one thought.
+      n_distinct = len(set(c.log_weights))
+      distinct.append(n_distinct)
+      identical += len(c.log_weights) > 1 and n_distinct == 1
       suffix_tokens += c.suffix_tokens
       for k in elbo_sum:
         elbo_sum[k] += c.elbo.get(k, float("nan"))
@@ -111,6 +121,8 @@ def summarize(paths: list[str], ks) -> dict[str, Any]:
       "mean_thought_len": float(np.mean(thought_len)) if thought_len else 0.0,
       "frac_ended_with_eol": ended / max(n_chunks, 1),
       "mean_ess": float(np.mean(ess)) if ess else 0.0,
+      "mean_distinct_samples": float(np.mean(distinct)) if distinct else 0.0,
+      "identical_share": identical / max(n_chunks, 1),
       "elbo_per_token": per_token, "cut_suffix_tokens": cut,
   }
 
@@ -171,7 +183,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     if shard not in todo:
       continue
     if progress is None:
-      total = sum(len(chunking.chunk_document(t, cfg.chunking)) for s, ds in
+      total = sum(len(chunking.chunk_document(t, cfg.chunking))
+                  - chunking.context_chunks(t, cfg.chunking) for s, ds in
                   shard_docs(iter_documents(files, cfg, sources.InputStats()),
                              cfg.docs_per_shard) if s in todo for _, t in ds)
       progress = _Progress(total, jax.process_index() == 0)
