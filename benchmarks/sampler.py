@@ -1,20 +1,17 @@
-"""Sampler throughput: latent_em's jitted sampler vs Hugging Face `generate`, and the saving from
-sharing one prompt's KV cache between its K samples.
+"""Sampler benchmarks: latent_em's samplers against Hugging Face `generate`, the shared prompt
+cache, continuous batching's slot utilization, and the bytes one decode step moves at the
+TinyLlama shape on TPU (compiled for a topology, no hardware needed).
 
 Part 1 (generation). Both frameworks sample from the same Llama (our random weights, copied into
 `LlamaForCausalLM` through `hf.save_llama`) for the same batch of random prompts: temperature
 1.0, no top-k / top-p, exactly `gen_len` new tokens per row (no stop ids for us; HF gets
 `min_new_tokens = max_new_tokens`, its default dynamic cache and `torch.inference_mode`). Our
-sampler is compiled by one untimed call; then the runners alternate, round after round, so all
-see the same load on a shared machine. Tokens/s counts generated tokens over the whole call
-(prefill included). PyTorch runs with threads = cores as asked, and also with one thread: on an
-oversubscribed machine OpenMP's spinning threads can make the multi-threaded run several times
-slower, and the honest comparison is against the faster of the two.
-
-`--decoders=ours,scan` adds a runner that uses the same sampler with the layer loop written as
-one `lax.scan` over stacked weights and a stacked [L, B, K, S, Dh] cache (`ScanDecode`, checked
-against `model.decode`'s logits before timing). `model.decode` runs the layers one by one over
-per-layer cache buffers; the `scan` runner shows what that buys.
+static `Sampler` holds the params as decoding reads them (`model.decode_params`: per layer, in
+the compute dtype, prepared once like HF's loaded model) and is compiled by one untimed call;
+then the runners alternate, round after round, so all see the same load on a shared machine.
+Tokens/s counts generated tokens over the whole call (prefill included). PyTorch runs with
+threads = cores and with one thread (on an oversubscribed machine OpenMP's spinning threads can
+make the multi-threaded run several times slower); the headline ratio is against the faster.
 
 Part 2 (shared prompts). A prompt-heavy E-step shape (prompt 512, thought 128 tokens, the small
 preset): B prompts x K samples through one call with `num_samples=K` (prefill once per prompt)
@@ -24,10 +21,37 @@ Part 3 (memory-bandwidth bound). A decode step must read every weight and the fi
 so tokens/s <= rows / (bytes per step / bandwidth). The bandwidth is a measured large copy (or
 `--mem_bw_gbps`); the bound ignores prefill, so the ratio understates decode efficiency a little.
 
-  python benchmarks/sampler.py --preset=tiny --shared_decoders=ours,scan
-  python benchmarks/sampler.py --preset=small --batch=8 --skip_shared --json
+Part 4 (continuous batching). K = 4 samples per prompt whose lengths follow a thought-length
+distribution like the paper's (up to 1,024 tokens, mean well below: lognormal with median
+`--cb_median` 150 and sigma `--cb_sigma` 0.9, rounded and clipped to [1, 1024]; each sample's
+length is imposed as its limit, no stop ids). (a) The scheduler at scale: `--cb_rows` 256 rows,
+`--cb_prompts` prompts, on a toy model whose step costs nothing (the schedule does not depend on
+the model): slot utilization (useful / computed row-steps), the same without the run's tail,
+and the utilization static batches of the same rows would get (each batch runs as long as its
+longest sample). (b) The same on a real model (`--cb_preset`, `--cb_model_rows` rows,
+`--cb_model_prompts` prompts of 16-64 tokens): wall time and generated tokens/s of
+`ContinuousSampler` against static `Sampler` batches (per-row length limits), alternating.
+
+Part 5 (bytes per decode step on TPU, `--tpu_topology=v5e:2x2`; needs libtpu, e.g. the
+`[tpu]` venv). The one-token decode step of the TinyLlama shape (bf16 weights and cache,
+`--tpu_rows` 256 rows, a `--tpu_ring` 2,048-slot ring) compiled for one chip with the dense XLA
+attention and with the Pallas ragged kernel: compiled memory, XLA's cost-model bytes, and the
+HLO checks (loops, cache-sized copies, in-place cache writes). XLA's cost model cannot see what
+the kernel reads (it is data dependent), so the bytes are also counted analytically for a
+stated context distribution: rows at a random step of a continuous E-step, each row's context =
+its prompt (uniform in [256, 1019], the E-step budget at max_seq_len 2048 and max_gen_len 1024)
++ its sample's tokens so far (a sample drawn in proportion to its Part 4 length, a uniform
+position in it), idle rows as measured in Part 4. Minimum = weights + each row's filled K/V;
+dense = weights + the whole ring; kernel = weights + the blocks it fetches
+(`decode_attention_pallas.blocks_per_row`) + the cache writes + the refills' row writes spread
+over the steps.
+
+  python benchmarks/sampler.py --preset=tiny
+  python benchmarks/sampler.py --preset=small --batch=8 --gen_len=32 --parts=generation --json
+  python benchmarks/sampler.py --parts=continuous --cb_prompts=4096
+  /work/tpuvenv/bin/python benchmarks/sampler.py --parts=bytes --tpu_topology=v5e:2x2
   python benchmarks/sampler.py --preset=tinyllama --batch=128 --prompt_len=512 --gen_len=256 \\
-      --decoders=ours --skip_hf --skip_shared --mem_bw_gbps=3350   # GPU (H100 SXM)
+      --parts=generation --skip_hf --mem_bw_gbps=3350   # GPU (H100 SXM)
 
 Results are recorded in docs/benchmarks.md.
 """
@@ -39,11 +63,12 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
 
 # JAX would otherwise reserve 75% of GPU memory up front and leave none for PyTorch.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -54,8 +79,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from latent_em import hf, model  # noqa: E402
-from latent_em.sampling import sampler as sampler_lib  # noqa: E402
+from latent_em import decode_attention_pallas, kv_cache, model, sharding  # noqa: E402
+from latent_em.sampling import continuous, sampler as sampler_lib  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,36 +100,54 @@ PRESETS = {
                                           param_dtype="bfloat16"), gpu_only=True),
 }
 
+PARTS = ("generation", "shared", "continuous", "bytes")
 FIRST_TOKEN = 3  # prompts avoid ids 0-2 (pad / BOS / EOS in the saved HF config)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--parts", default="generation,shared,continuous",
+                 help=f"comma-separated parts to run, of {','.join(PARTS)}")
   p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
   p.add_argument("--batch", type=int, default=8, help="prompts per call (part 1)")
   p.add_argument("--prompt_len", type=int, default=64)
   p.add_argument("--gen_len", type=int, default=64)
   p.add_argument("--runs", type=int, default=5, help="timed rounds per runner (part 1)")
-  p.add_argument("--decoders", default="ours,scan",
-                 help="decode implementations timed in part 1 (comma-separated; ours = "
-                      "model.decode, scan = ScanDecode)")
   p.add_argument("--skip_hf", action="store_true", help="do not run Hugging Face generate")
-  p.add_argument("--skip_shared", action="store_true", help="skip part 2")
   p.add_argument("--shared_preset", choices=sorted(PRESETS), default="small")
   p.add_argument("--shared_prompts", type=int, default=2, help="prompts per call (part 2)")
   p.add_argument("--shared_prompt_len", type=int, default=512)
   p.add_argument("--shared_gen_len", type=int, default=128)
   p.add_argument("--shared_k", default="1,4,8", help="samples per prompt (part 2)")
   p.add_argument("--shared_runs", type=int, default=3, help="timed rounds per K (part 2)")
-  p.add_argument("--shared_decoders", default="ours", help="decoders timed in part 2")
   p.add_argument("--mem_bw_gbps", type=float, default=0.0,
                  help="memory bandwidth for the bound (GB/s); 0: a measured copy")
+  p.add_argument("--cb_rows", type=int, default=256, help="decoding rows (part 4a)")
+  p.add_argument("--cb_prompts", type=int, default=4096, help="prompts (part 4a)")
+  p.add_argument("--cb_k", type=int, default=4, help="samples per prompt (part 4)")
+  p.add_argument("--cb_median", type=float, default=150.0, help="median thought length")
+  p.add_argument("--cb_sigma", type=float, default=0.9, help="lognormal sigma of the lengths")
+  p.add_argument("--cb_max_len", type=int, default=1024, help="thought length cap")
+  p.add_argument("--cb_preset", choices=sorted(PRESETS), default="tiny")
+  p.add_argument("--cb_model_rows", type=int, default=64, help="decoding rows (part 4b)")
+  p.add_argument("--cb_model_prompts", type=int, default=64, help="prompts (part 4b)")
+  p.add_argument("--cb_runs", type=int, default=2, help="timed rounds (part 4b)")
+  p.add_argument("--tpu_topology", default="v5e:2x2", help="TPU topology to compile for")
+  p.add_argument("--tpu_rows", type=int, default=256, help="decoding rows per chip")
+  p.add_argument("--tpu_chips", type=int, default=1, help="chips of the topology to use")
+  p.add_argument("--tpu_ring", type=int, default=2048)
   p.add_argument("--json", action="store_true", help="also print one JSON line with all numbers")
   p.add_argument("--force", action="store_true", help="run a GPU-only preset on CPU anyway")
   args = p.parse_args(argv)
+  args.parts = tuple(x for x in args.parts.split(",") if x)
+  bad = [x for x in args.parts if x not in PARTS]
+  if bad or not args.parts:
+    p.error(f"--parts={','.join(args.parts)!r}: choose from {','.join(PARTS)}")
   for name in ("batch", "prompt_len", "gen_len", "runs", "shared_prompts", "shared_prompt_len",
-               "shared_gen_len", "shared_runs"):
+               "shared_gen_len", "shared_runs", "cb_rows", "cb_prompts", "cb_k", "cb_max_len",
+               "cb_model_rows", "cb_model_prompts", "cb_runs", "tpu_rows", "tpu_chips",
+               "tpu_ring"):
     if getattr(args, name) < 1:
       p.error(f"--{name}={getattr(args, name)} must be >= 1")
   try:
@@ -113,14 +156,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.error(f"--shared_k={args.shared_k!r}: expected comma-separated integers, e.g. 1,4,8")
   if not args.shared_k or min(args.shared_k) < 1:
     p.error(f"--shared_k={args.shared_k}: every K must be >= 1")
-  for flag in ("decoders", "shared_decoders"):
-    names = tuple(n for n in getattr(args, flag).split(",") if n)
-    bad = [n for n in names if n not in DECODERS]
-    if bad or not names:
-      p.error(f"--{flag}={getattr(args, flag)!r}: choose from {','.join(DECODERS)}")
-    setattr(args, flag, names)
-  if "ours" not in args.decoders:
-    args.decoders = ("ours",) + args.decoders  # the reference every speedup is relative to
   return args
 
 
@@ -187,107 +222,36 @@ def copy_bandwidth(backend: str) -> float:
 
 def decode_bytes_per_step(cfg: model.ModelConfig, rows: int, context: float) -> float:
   """Bytes one decode step must read: every weight except the embedding table (only `rows`
-  rows of it) and the K/V of `context` filled slots per row."""
-  param_bytes = jnp.dtype(cfg.param_dtype).itemsize
-  cache_bytes = jnp.dtype(cfg.dtype).itemsize
-  # The output layer reads the whole [D, V] matrix (lm_head, or the table when tied).
-  weights = model.param_count(cfg, include_embedding=False) + cfg.vocab_size * cfg.dim
-  embed_rows = rows * cfg.dim
-  kv = 2 * cfg.n_layers * rows * context * cfg.n_kv_heads * cfg.hd
-  return (weights + embed_rows) * param_bytes + kv * cache_bytes
+  rows of it), in the compute dtype the sampler holds them in, and the K/V of `context` filled
+  slots per row."""
+  return weight_bytes(cfg, rows) + kv_slot_bytes(cfg) * rows * context
 
 
-# ----------------------------------------------------------------------------- scanned decode
+def weight_bytes(cfg: model.ModelConfig, rows: int) -> float:
+  """Weights a decode step reads (compute dtype): all but the embedding table, of which only
+  `rows` rows; the output layer reads the whole [D, V] matrix (lm_head, or the tied table)."""
+  n = model.param_count(cfg, include_embedding=False) + cfg.vocab_size * cfg.dim + rows * cfg.dim
+  return n * jnp.dtype(cfg.dtype).itemsize
 
 
-class ScanDecode:
-  """The layer loop as one `lax.scan` over the stacked [L, ...] weights and a stacked
-  {"k", "v"}: [L, N, K, S, Dh] cache (what `nn.scan` compiles to), with the model's own `Block`.
-
-  `model.decode` instead runs the layers one after another over per-layer cache buffers; this
-  runner measures what that choice buys inside the sampler's while loop.
-  """
-
-  cache_batch_axis = 1
-
-  def __init__(self, cfg: model.ModelConfig):
-    self.cfg = cfg
-
-  def init_cache(self, batch: int, max_len: int) -> dict[str, jax.Array]:
-    cfg = self.cfg
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.hd)
-    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-
-  def __call__(self, params: Any, tokens_BT: jax.Array, cache: dict[str, jax.Array],
-               cache_index_B: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    cfg = self.cfg
-    dt = cfg.compute_dtype
-    slots_BT = cache_index_B[:, None] + jnp.arange(tokens_BT.shape[1])[None, :]
-    table = params["embed"]["embedding"]
-    x = jnp.take(table.astype(dt), tokens_BT, axis=0)
-
-    def body(x, layer):
-      p, c = layer
-      return model.Block(cfg).apply({"params": p}, x, c, slots_BT, slots_BT, None, None,
-                                    cache_index_B)
-
-    x, new_cache = jax.lax.scan(body, x, (params["layers"], cache))
-    x = model.RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, table.astype(dt))
-    else:
-      logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]["kernel"].astype(dt))
-    return logits.astype(jnp.float32), new_cache
-
-
-def check_decoder(cfg: model.ModelConfig, params: Any, dec: ScanDecode,
-                  prompts: jax.Array) -> float:
-  """Max |logit difference| between model.decode and another decoder on a prefill + one step."""
-  b, p = prompts.shape
-  zeros = jnp.zeros((b,), jnp.int32)
-  ref, ref_cache = model.decode(cfg, params, prompts, model.init_cache(cfg, b, p + 1), zeros)
-  got, got_cache = dec(params, prompts, dec.init_cache(b, p + 1), zeros)
-  nxt = prompts[:, :1]
-  ref2, _ = model.decode(cfg, params, nxt, ref_cache, zeros + p)
-  got2, _ = dec(params, nxt, got_cache, zeros + p)
-  return float(max(jnp.max(jnp.abs(ref - got)), jnp.max(jnp.abs(ref2 - got2))))
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoder:
-  """What a Sampler needs for one decode implementation."""
-  decode_fn: Callable
-  init_cache: Callable
-  params: Any
-  cache_batch_axis: int
-
-
-DECODERS = ("ours", "scan")
-
-
-def make_decoder(name: str, cfg: model.ModelConfig, params: Any) -> Decoder:
-  """'ours' is model.decode as the E-step uses it; 'scan' is ScanDecode above."""
-  if name == "ours":
-    return Decoder(functools.partial(model.decode, cfg), functools.partial(model.init_cache, cfg),
-                   params, cache_batch_axis=0)
-  dec = ScanDecode(cfg)
-  return Decoder(dec, dec.init_cache, params, dec.cache_batch_axis)
+def kv_slot_bytes(cfg: model.ModelConfig) -> int:
+  """Bytes of one cached token, K and V, all layers."""
+  return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.hd * jnp.dtype(cfg.dtype).itemsize
 
 
 # ----------------------------------------------------------------------------- runners
 
 
 class JaxRunner:
-  """One `Sampler` call on fixed prompts; compiled by the first (untimed) call."""
+  """One static `Sampler` call on fixed prompts; compiled by the first (untimed) call."""
 
-  def __init__(self, name: str, dec: Decoder, prompts: np.ndarray, gen_len: int,
-               num_samples: int = 1):
+  def __init__(self, name: str, cfg: model.ModelConfig, params: Any, prompts: np.ndarray,
+               gen_len: int, num_samples: int = 1):
     self.name = name
-    self.smp = sampler_lib.Sampler(
-        dec.decode_fn, dec.init_cache,
-        sampler_lib.SamplingConfig(temperature=1.0, max_gen_len=gen_len),
-        cache_batch_axis=dec.cache_batch_axis)
-    self.params = dec.params
+    dm = sampler_lib.DecodeModel.for_model(cfg)
+    self.smp = sampler_lib.Sampler(dm, sampler_lib.SamplingConfig(temperature=1.0,
+                                                                  max_gen_len=gen_len))
+    self.params = sampler_lib.place_params(dm, params)
     self.prompts = jnp.asarray(prompts)
     self.lens = jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
     self.num_samples = num_samples
@@ -370,7 +334,6 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> np.nda
 
 def init_params(cfg: model.ModelConfig) -> Any:
   params = jax.jit(lambda r: model.init_params(cfg, r))(jax.random.key(0))
-  # Inference presets store weights in the compute dtype (half the bytes a decode step reads).
   return jax.tree.map(lambda x: x.astype(cfg.params_dtype), params)
 
 
@@ -379,29 +342,21 @@ def init_params(cfg: model.ModelConfig) -> Any:
 
 def run_generation(args: argparse.Namespace, cfg: model.ModelConfig, backend: str,
                    cores: int) -> dict[str, Any]:
-  """Part 1: tokens/s of our sampler (and the scan variant) vs HF generate, alternating rounds."""
+  """Part 1: tokens/s of our sampler vs HF generate, alternating rounds."""
   b, p, g = args.batch, args.prompt_len, args.gen_len
   res: dict[str, Any] = {"batch": b, "prompt_len": p, "gen_len": g, "runs": args.runs,
-                         "params": model.param_count(cfg), "logit_check": {}}
+                         "params": model.param_count(cfg)}
   params = init_params(cfg)
   prompts = random_prompts(b, p, cfg.vocab_size)
-  runners: list = []
-  for name in args.decoders:
-    dec = make_decoder(name, cfg, params)
-    if name != "ours":
-      diff = check_decoder(cfg, params, dec.decode_fn, jnp.asarray(prompts[:2, :16]))
-      res["logit_check"][name] = diff
-      if cfg.dtype == "float32" and diff > 1e-3:
-        raise RuntimeError(f"{name}'s logits differ from model.decode by {diff:.2e}")
-    runners.append(JaxRunner(name, dec, prompts, g))
-  res["compile_s"] = {r.name: r.compile_s for r in runners}
-  jax_names = [r.name for r in runners]
+  runners: list = [JaxRunner("ours", cfg, params, prompts, g)]
+  res["compile_s"] = {"ours": runners[0].compile_s}
 
   hf_model = None
   with tempfile.TemporaryDirectory(prefix="bench_sampler_hf_") as tmp:
     if not args.skip_hf:
       import torch
       import transformers
+      from latent_em import hf
       device = "cuda" if backend == "gpu" else "cpu"
       if device == "cuda" and not torch.cuda.is_available():
         res["hf_skipped"] = "JAX runs on GPU but this PyTorch build has no CUDA"
@@ -419,8 +374,7 @@ def run_generation(args: argparse.Namespace, cfg: model.ModelConfig, backend: st
     res["load_before"] = _load()
     times = time_rounds(runners, args.runs)
     res["load_after"] = _load()
-  res["compiles_after_timing"] = {r.name: r.compiles() for r in runners
-                                  if isinstance(r, JaxRunner)}
+  res["compiles_after_timing"] = {"ours": runners[0].compiles()}
   del hf_model
 
   bw = args.mem_bw_gbps * 1e9 if args.mem_bw_gbps else copy_bandwidth(backend)
@@ -434,19 +388,15 @@ def run_generation(args: argparse.Namespace, cfg: model.ModelConfig, backend: st
     t = times[r.name]
     res[r.name] = {"wall_s": _spread(t["wall"]), "cpu_s": _spread(t["cpu"]),
                    "tokens_per_s": tokens / statistics.median(t["wall"])}
-    if r.name in jax_names:
-      res[r.name]["of_bound"] = res[r.name]["tokens_per_s"] / res["bound_tokens_per_s"]
+  res["ours"]["of_bound"] = res["ours"]["tokens_per_s"] / res["bound_tokens_per_s"]
   hf_names = [n for n in ("hf", "hf_1thread") if n in times]
   ratios: dict[str, Any] = {}
-  for mine in jax_names:
-    for other in hf_names:
-      ratios[f"{mine}/{other}"] = _ratios(times[other]["wall"], times[mine]["wall"])
-    if len(hf_names) > 1:
-      # Per round, against whichever HF setting was faster in that round.
-      best = [min(times[n]["wall"][i] for n in hf_names) for i in range(args.runs)]
-      ratios[f"{mine}/hf_best"] = _ratios(best, times[mine]["wall"])
-    if mine != "ours":
-      ratios[f"{mine}/ours"] = _ratios(times["ours"]["wall"], times[mine]["wall"])
+  for other in hf_names:
+    ratios[f"ours/{other}"] = _ratios(times[other]["wall"], times["ours"]["wall"])
+  if len(hf_names) > 1:
+    # Per round, against whichever HF setting was faster in that round.
+    best = [min(times[n]["wall"][i] for n in hf_names) for i in range(args.runs)]
+    ratios["ours/hf_best"] = _ratios(best, times["ours"]["wall"])
   res["speedups"] = ratios
   return res
 
@@ -463,43 +413,309 @@ def run_shared(args: argparse.Namespace) -> dict[str, Any]:
   params = init_params(cfg)
   prompts = random_prompts(b, p, cfg.vocab_size, seed=1)
   # Prefill alone (B prompts), to show what the naive layout repeats K times.
-  prefill = jax.jit(lambda prm, toks: model.decode(
-      cfg, prm, toks, model.init_cache(cfg, toks.shape[0], p + g),
-      jnp.zeros((toks.shape[0],), jnp.int32))[0][:, -1])
-  jax.block_until_ready(prefill(params, jnp.asarray(prompts)))
+  dparams = model.decode_params(cfg, params)
+  prefill = jax.jit(lambda prm, toks: model.prefill(cfg, prm, toks, jnp.full((b,), p))[0])
+  jax.block_until_ready(prefill(dparams, jnp.asarray(prompts)))
   prefill_s = []
   for _ in range(args.shared_runs):
     t0 = time.perf_counter()
-    jax.block_until_ready(prefill(params, jnp.asarray(prompts)))
+    jax.block_until_ready(prefill(dparams, jnp.asarray(prompts)))
     prefill_s.append(time.perf_counter() - t0)
   res["prefill_s"] = _spread(prefill_s)
   res["load_before"] = _load()
-  decoders = {name: make_decoder(name, cfg, params) for name in args.shared_decoders}
   for k in args.shared_k:
-    # Every decoder's shared and naive calls alternate within each round.
-    runners = []
-    for name, dec in decoders.items():
-      runners.append(JaxRunner(f"{name}/shared", dec, prompts, g, num_samples=k))
-      if k > 1:
-        runners.append(JaxRunner(f"{name}/naive", dec, np.repeat(prompts, k, axis=0), g))
+    # The shared and naive calls alternate within each round.
+    runners = [JaxRunner("shared", cfg, params, prompts, g, num_samples=k)]
+    if k > 1:
+      runners.append(JaxRunner("naive", cfg, params, np.repeat(prompts, k, axis=0), g))
     times = time_rounds(runners, args.shared_runs)
-    for name in decoders:
-      row: dict[str, Any] = {"decoder": name, "k": k, "generated": b * k * g}
-      for mode in ("shared", "naive"):
-        t = times.get(f"{name}/{mode}")
-        if t:
-          row[mode] = {"wall_s": _spread(t["wall"]), "cpu_s": _spread(t["cpu"]),
-                       "s_per_token": statistics.median(t["wall"]) / (b * k * g)}
-      if k > 1:
-        row["naive/shared"] = _ratios(times[f"{name}/naive"]["wall"],
-                                      times[f"{name}/shared"]["wall"])
-      if name != "ours" and "ours" in decoders:
-        row["speedup_over_ours"] = _ratios(times["ours/shared"]["wall"],
-                                           times[f"{name}/shared"]["wall"])
-      res["rows"].append(row)
+    row: dict[str, Any] = {"k": k, "generated": b * k * g}
+    for mode in ("shared", "naive"):
+      t = times.get(mode)
+      if t:
+        row[mode] = {"wall_s": _spread(t["wall"]), "cpu_s": _spread(t["cpu"]),
+                     "s_per_token": statistics.median(t["wall"]) / (b * k * g)}
+    if k > 1:
+      row["naive/shared"] = _ratios(times["naive"]["wall"], times["shared"]["wall"])
+    res["rows"].append(row)
     del runners
     jax.clear_caches()
   res["load_after"] = _load()
+  return res
+
+
+# ----------------------------------------------------------------------------- part 4
+
+
+def thought_lengths(args: argparse.Namespace, prompts: int, seed: int = 0) -> np.ndarray:
+  """[prompts, K] sample lengths: lognormal (median, sigma), rounded, clipped to [1, max]."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.lognormal(np.log(args.cb_median), args.cb_sigma, size=(prompts, args.cb_k))
+  return np.clip(np.round(lengths), 1, args.cb_max_len).astype(np.int32)
+
+
+def static_utilization(lengths: np.ndarray, rows: int) -> tuple[float, int]:
+  """(useful / computed row-steps, steps) of static batches of rows // K prompts each."""
+  per_batch = rows // lengths.shape[1]
+  steps = sum(int(lengths[i:i + per_batch].max()) for i in range(0, len(lengths), per_batch))
+  return float(lengths.sum()) / (rows * steps), steps
+
+
+def _toy_model(vocab: int = 8) -> sampler_lib.DecodeModel:
+  """Uniform next-token logits and no cache: the scheduler alone."""
+  logits = jnp.zeros((vocab,), jnp.float32)
+  return sampler_lib.DecodeModel(
+      prefill=lambda params, tokens, lengths: (jnp.broadcast_to(logits, (len(tokens), vocab)),
+                                               None),
+      decode=lambda params, tokens, cache, window: (
+          jnp.broadcast_to(logits, tokens.shape + (vocab,)), cache),
+      init_cache=lambda n, s: None, insert=lambda cache, prompt_cache, *_: cache)
+
+
+def run_schedule(args: argparse.Namespace) -> dict[str, Any]:
+  """Part 4a: slot utilization of continuous vs static batching at scale (toy model)."""
+  k = args.cb_k
+  lengths = thought_lengths(args, args.cb_prompts)
+  cfg = sampler_lib.SamplingConfig(max_gen_len=args.cb_max_len)
+  smp = continuous.ContinuousSampler(_toy_model(), cfg, rows=args.cb_rows,
+                                     ring=args.cb_max_len + 1, samples_per_prompt=k,
+                                     prompt_bucket=1)
+  t0 = time.perf_counter()
+  requests = (continuous.Request(i, [FIRST_TOKEN], jax.random.key(i), max_new=tuple(n))
+              for i, n in enumerate(lengths.tolist()))
+  for _ in smp.run(None, requests):
+    pass
+  static_u, static_steps = static_utilization(lengths, smp.rows)
+  return {
+      "rows": smp.rows, "prompts": args.cb_prompts, "prefill_prompts": smp.prefill_prompts,
+      "mean_len": float(lengths.mean()), "p50": float(np.median(lengths)),
+      "p90": float(np.percentile(lengths, 90)),
+      "at_cap": float((lengths == args.cb_max_len).mean()),
+      **smp.stats.as_dict(), "static_slot_utilization": static_u, "static_steps": static_steps,
+      "wall_s": time.perf_counter() - t0}
+
+
+def run_continuous(args: argparse.Namespace) -> dict[str, Any]:
+  """Part 4: the schedule at scale (4a), then continuous vs static batches on a real model."""
+  k = args.cb_k
+  res: dict[str, Any] = {"k": k, "median": args.cb_median, "sigma": args.cb_sigma,
+                         "max_len": args.cb_max_len, "load_before": _load(),
+                         "schedule": run_schedule(args)}
+  mcfg = PRESETS[args.cb_preset].model
+  rows, n = args.cb_model_rows, args.cb_model_prompts
+  lengths = thought_lengths(args, n, seed=1)
+  rng = np.random.default_rng(2)
+  prompt_lens = rng.integers(16, 65, size=n)
+  prompts = [rng.integers(FIRST_TOKEN, mcfg.vocab_size, size=m).tolist() for m in prompt_lens]
+  dm = sampler_lib.DecodeModel.for_model(mcfg)
+  params = sampler_lib.place_params(dm, init_params(mcfg))
+  cfg = sampler_lib.SamplingConfig(temperature=1.0, max_gen_len=args.cb_max_len)
+  per_batch = rows // k
+  static = sampler_lib.Sampler(dm, cfg)
+
+  class Continuous:
+    name = "continuous"
+
+    def __init__(self):
+      self.smp = continuous.ContinuousSampler(dm, cfg, rows=rows, ring=64 + args.cb_max_len,
+                                              samples_per_prompt=k, prompt_bucket=64)
+
+    def run(self):
+      reqs = (continuous.Request(i, p, jax.random.key(i), max_new=tuple(m))
+              for i, (p, m) in enumerate(zip(prompts, lengths.tolist())))
+      out = {r.id: s for r, s in self.smp.run(params, reqs)}
+      assert all(len(s.tokens) == m for i in out for s, m in zip(out[i], lengths[i]))
+
+  class Static:
+    name = "static"
+
+    def run(self):
+      for start in range(0, n, per_batch):
+        arr = np.zeros((per_batch, 64), np.int32)
+        lens = np.ones((per_batch,), np.int32)
+        limits = np.ones((per_batch, k), np.int32)
+        for j, i in enumerate(range(start, min(start + per_batch, n))):
+          arr[j, :prompt_lens[i]] = prompts[i]
+          lens[j], limits[j] = prompt_lens[i], lengths[i]
+        out = static(params, jnp.asarray(arr), jnp.asarray(lens), jax.random.key(start), k,
+                     jnp.asarray(limits.reshape(-1)))
+        jax.block_until_ready(out)
+
+  runners = [Continuous(), Static()]
+  for r in runners:   # compile (and check) untimed
+    r.run()
+  times = time_rounds(runners, args.cb_runs)
+  tokens = int(lengths.sum())
+  res["model"] = {"preset": args.cb_preset, "rows": rows, "prompts": n, "tokens": tokens,
+                  "mean_len": float(lengths.mean()),
+                  "continuous_slot_utilization": runners[0].smp.stats.slot_utilization,
+                  "static_slot_utilization": static_utilization(lengths, rows)[0]}
+  for r in runners:
+    res["model"][r.name] = {"wall_s": _spread(times[r.name]["wall"]),
+                            "tokens_per_s": tokens / statistics.median(times[r.name]["wall"])}
+  res["model"]["continuous/static"] = _ratios(times["static"]["wall"],
+                                              times["continuous"]["wall"])
+  res["load_after"] = _load()
+  return res
+
+
+# ----------------------------------------------------------------------------- part 5
+
+
+def step_contexts(args: argparse.Namespace, rows: int, idle: float, seed: int = 3
+                  ) -> np.ndarray:
+  """[rows] context lengths (slots in each row's window, the new token included) at a random
+  step of a continuous E-step: see the module docstring (Part 5)."""
+  rng = np.random.default_rng(seed)
+  lengths = thought_lengths(args, 20000, seed=seed).reshape(-1)
+  pick = rng.choice(len(lengths), size=rows, p=lengths / lengths.sum())
+  prompts = rng.integers(256, 1020, size=rows)
+  ctx = prompts + rng.integers(0, lengths[pick]) + 1
+  ctx[rng.random(rows) < idle] = 1          # an idle row's window is its own slot
+  return ctx
+
+
+def _compile_step(cfg: model.ModelConfig, devices: list, rows: int, ring: int, impl: str):
+  """The one-token decode step, rows (and the cache) data-parallel over `devices`, with the
+  logical rules in effect (as the E-step runs it)."""
+  mcfg = sharding.MeshConfig(shape=(-1, 1, 1))
+  mesh = sharding.make_mesh(mcfg, devices)
+  rules = mcfg.rules_list
+  params = jax.eval_shape(lambda: model.decode_params(cfg, model.init_params(cfg,
+                                                                             jax.random.key(0))))
+  cache = jax.eval_shape(lambda: model.init_cache(cfg, rows, ring))
+  with_shd = lambda tree, shd: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shd)
+  params = with_shd(params, sharding.logical_to_sharding(model.decode_logical_axes(cfg), mesh,
+                                                         rules))
+  cache_shd = sharding.logical_to_sharding(model.cache_partition_specs(cfg), mesh, rules)
+  cache = with_shd(cache, cache_shd)
+
+  def step(p, tokens, c, head, context):
+    logits, c = model.decode(cfg, p, tokens, c, kv_cache.Window(head, context, impl))
+    return logits[:, 0], c
+
+  rows_spec = lambda shape: jax.ShapeDtypeStruct(
+      shape, jnp.int32, sharding=sharding.batch_sharding(mesh, len(shape)))
+  head = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  fn = jax.jit(sharding.with_logical_rules(step, mesh, rules), donate_argnums=2,
+               out_shardings=(sharding.batch_sharding(mesh), cache_shd))
+  return fn.lower(params, rows_spec((rows, 1)), cache, head, rows_spec((rows,))).compile()
+
+
+def _compile_programs(cfg: model.ModelConfig, device, rows: int, ring: int, prefill: int,
+                      prompt_len: int) -> dict[str, dict[str, float]]:
+  """Memory of the E-step's two programs on one chip: the decode loop (ragged kernel) and a
+  refill of `prefill` prompts of `prompt_len` tokens (K = 4 samples each)."""
+  mesh = jax.sharding.Mesh(np.array([device]), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                  sharding=rep), tree)
+  dm = sampler_lib.DecodeModel.for_model(cfg, attention="ragged")
+  params = spec(jax.eval_shape(lambda: dm.prepare(model.init_params(cfg, jax.random.key(0)))))
+  state = spec(jax.eval_shape(functools.partial(sampler_lib.init_state, dm, rows, ring,
+                                                cfg.vocab_size, ring // 2)))
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+  m = prefill * 4
+  decode = jax.jit(functools.partial(sampler_lib.decode, dm, sampler_lib.SamplingConfig(
+      max_gen_len=ring // 2), (2,)), donate_argnums=(1,))
+  refill = jax.jit(functools.partial(sampler_lib.refill, dm), donate_argnums=(1,))
+  out = {}
+  for name, lowered in (
+      ("decode_loop", decode.lower(params, state, i32(), i32())),
+      ("refill", refill.lower(params, state, i32(prefill, prompt_len), i32(prefill),
+                              jax.ShapeDtypeStruct((prefill, 2), jnp.uint32, sharding=rep),
+                              i32(m), i32(m), i32(m), i32(m)))):
+    mem = lowered.compile().memory_analysis()
+    out[name] = {"argument_bytes": mem.argument_size_in_bytes,
+                 "temp_bytes": mem.temp_size_in_bytes,
+                 "peak_bytes": (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                                + mem.output_size_in_bytes - mem.alias_size_in_bytes)}
+  return out
+
+
+def hlo_checks(text: str, cfg: model.ModelConfig, rows: int, ring: int, chips: int
+               ) -> dict[str, int]:
+  """Loops, gathers of the rows, cache-sized copies and in-place cache writes in an optimized
+  HLO text (`rows` in all, `rows / chips` per chip)."""
+  cache = f"[{rows // chips},{ring},{cfg.n_kv_heads * cfg.hd}]"
+  lines = text.splitlines()
+  gathered = re.findall(r"= \w+\[([0-9,]*)\][^ ]* all-gather(-start)?\(", text)
+  return {
+      "row_all_gathers": sum(shape.split(",")[0] == str(rows) for shape, _ in gathered),
+      "while_loops": sum(" while(" in l for l in lines),
+      "cache_copies": sum(cache in l and re.search(r" copy(-start)?\(", l) is not None
+                          for l in lines),
+      "cache_writes": sum(cache in l.split("dynamic-update-slice(")[0]
+                          for l in lines if "dynamic-update-slice(" in l),
+      "kernel_calls": sum('custom_call_target="tpu_custom_call"' in l for l in lines),
+  }
+
+
+def _hbm_bytes(device) -> float:
+  """HBM a program may use on one chip (what the compiler reports as available; 0: unknown)."""
+  return {"TPU v5 lite": 15.75 * 2 ** 30}.get(device.device_kind, 0.0)
+
+
+def _matmul_calibration(cfg: model.ModelConfig, device, rows: int) -> dict[str, float]:
+  """What XLA's cost model charges one MLP matmul [rows, D] x [D, F] (bf16) against its
+  operands' bytes: the model's "bytes accessed" is not the HBM traffic of a matmul."""
+  mesh = jax.sharding.Mesh(np.array([device]), ("x",))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x = jax.ShapeDtypeStruct((rows, cfg.dim), jnp.bfloat16, sharding=rep)
+  w = jax.ShapeDtypeStruct((cfg.dim, cfg.mlp_dim), jnp.bfloat16, sharding=rep)
+  compiled = jax.jit(jnp.dot).lower(x, w).compile()
+  operands = 2 * (rows * cfg.dim + cfg.dim * cfg.mlp_dim + rows * cfg.mlp_dim)
+  return {"xla_cost_bytes": compiled.cost_analysis()["bytes accessed"],
+          "operand_bytes": operands}
+
+
+def run_bytes(args: argparse.Namespace, idle: float, refills_per_step: float) -> dict[str, Any]:
+  """Part 5: compiled decode steps for a TPU chip, and analytic bytes per step."""
+  from jax.experimental import topologies
+  cfg = PRESETS["tinyllama"].model
+  chips, ring = args.tpu_chips, args.tpu_ring
+  rows = args.tpu_rows * chips
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=args.tpu_topology)
+  res: dict[str, Any] = {"topology": args.tpu_topology, "device": topo.devices[0].device_kind,
+                         "chips": chips, "rows": rows, "ring": ring,
+                         "block": decode_attention_pallas.BLOCK}
+  for impl in ("dense", "ragged"):
+    compiled = _compile_step(cfg, topo.devices[:chips], rows, ring, impl)
+    mem = compiled.memory_analysis()
+    res[impl] = {"xla_cost_bytes": compiled.cost_analysis()["bytes accessed"],
+                 "argument_bytes": mem.argument_size_in_bytes,
+                 "temp_bytes": mem.temp_size_in_bytes,
+                 **hlo_checks(compiled.as_text(), cfg, rows, ring, chips)}
+  res["calibration"] = _matmul_calibration(cfg, topo.devices[0], args.tpu_rows)
+  # The E-step's programs as config.estep would size them (refill rows / 16 / K prompts of the
+  # longest bucket), with the chip's memory.
+  res["programs"] = _compile_programs(cfg, topo.devices[0], args.tpu_rows, ring,
+                                      max(1, args.tpu_rows // 64), 1024)
+  res["hbm_bytes"] = _hbm_bytes(topo.devices[0])
+  # Bytes per chip: its rows' contexts, all the weights.
+  rows = args.tpu_rows
+  ctx = step_contexts(args, rows, idle)
+  slot = kv_slot_bytes(cfg)
+  weights = weight_bytes(cfg, rows)
+  heads = np.arange(0, ring, 7)    # the shared head's position varies from step to step
+  blocks = np.mean([np.asarray(decode_attention_pallas.blocks_per_row(
+      jnp.int32(h), jnp.asarray(ctx), ring, decode_attention_pallas.BLOCK)).sum() for h in heads])
+  writes = rows * slot                               # this step's token, every row
+  refill = refills_per_step * ring * slot            # whole rows written by kv_cache.insert
+  res["analytic"] = {
+      "idle_rows": idle, "refilled_rows_per_step": refills_per_step,
+      "mean_context": float(ctx.mean()), "weights": weights,
+      "minimum": weights + ctx.sum() * slot,
+      "dense": weights + rows * ring * slot + writes,
+      "kernel": weights + blocks * decode_attention_pallas.BLOCK * slot + writes + refill,
+      "kernel_kv_fetched_over_filled": blocks * decode_attention_pallas.BLOCK / ctx.sum()}
+  a = res["analytic"]
+  a["dense/minimum"] = a["dense"] / a["minimum"]
+  a["kernel/minimum"] = a["kernel"] / a["minimum"]
+  res["dense_attention_xla_cost_bytes"] = (res["dense"]["xla_cost_bytes"]
+                                           - res["ragged"]["xla_cost_bytes"])
+  res["whole_ring_bytes"] = rows * ring * slot   # one chip's rows
   return res
 
 
@@ -514,22 +730,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "versions": _versions(), "loadavg_start": list(os.getloadavg()),
                             "xla_flags": os.environ.get("XLA_FLAGS", ""),
                             "date": time.strftime("%Y-%m-%d %H:%M")}
-  if not args.skip_hf:
+  if "generation" in args.parts and not args.skip_hf:
     import torch
     torch.set_num_threads(cores)
   preset = PRESETS[args.preset]
-  if preset.gpu_only and backend == "cpu" and not args.force:
-    result["generation_skipped"] = (
-        f"preset {args.preset!r} is a GPU shape (bf16, 1.1B parameters); JAX found no GPU. "
-        "Pass --force to run it on CPU anyway.")
-  else:
-    result["generation"] = run_generation(args, preset.model, backend, cores)
-  if not args.skip_shared:
+  if "generation" in args.parts:
+    if preset.gpu_only and backend == "cpu" and not args.force:
+      result["generation_skipped"] = (
+          f"preset {args.preset!r} is a GPU shape (bf16, 1.1B parameters); JAX found no GPU. "
+          "Pass --force to run it on CPU anyway.")
+    else:
+      result["generation"] = run_generation(args, preset.model, backend, cores)
+  if "shared" in args.parts:
     if PRESETS[args.shared_preset].gpu_only and backend == "cpu" and not args.force:
       result["shared_skipped"] = (f"--shared_preset={args.shared_preset} is a GPU shape; pass "
                                   "--force to run it on CPU anyway")
     else:
       result["shared"] = run_shared(args)
+  if "continuous" in args.parts:
+    result["continuous"] = run_continuous(args)
+  if "bytes" in args.parts:
+    # Idle rows and refills per step: Part 4a's schedule (run here if Part 4 was not).
+    sched = result["continuous"]["schedule"] if "continuous" in result else run_schedule(args)
+    result["bytes"] = run_bytes(args, 1 - sched["steady_slot_utilization"],
+                                sched["samples"] / sched["decode_steps"])
+    result["bytes"]["schedule"] = sched
   result["loadavg_end"] = list(os.getloadavg())
   return result
 
@@ -544,30 +769,24 @@ def _format_generation(r: dict[str, Any]) -> list[str]:
       f"Part 1: preset={r['preset']} ({x['params'] / 1e6:.2f}M params)  batch={x['batch']}  "
       f"prompt={x['prompt_len']}  gen={x['gen_len']}  rounds={x['runs']}  "
       f"load {x['load_before']:.1f} -> {x['load_after']:.1f}",
-      "compile s: " + ", ".join(f"{k} {v:.1f}" for k, v in x["compile_s"].items())
-      + "   compiled variants after timing: "
-      + ", ".join(f"{k} {v}" for k, v in x["compiles_after_timing"].items()),
+      f"compile s: {x['compile_s']['ours']:.1f}   compiled variants after timing: "
+      f"{x['compiles_after_timing']['ours']}",
   ]
-  for name, diff in x["logit_check"].items():
-    lines.append(f"{name} vs model.decode: max |logit diff| {diff:.2e}")
   if "hf_attn_implementation" in x:
     lines.append(f"HF attention: {x['hf_attn_implementation']}  threads: {x['hf_threads']}")
   if "hf_skipped" in x:
     lines.append(f"HF skipped: {x['hf_skipped']}")
   lines.append(f"{'runner':<14}{'wall s: median [min-max]':>26}{'cpu s':>9}{'tokens/s':>10}"
                f"{'of bound':>10}")
-  for name in DECODERS + ("hf", "hf_1thread"):
+  for name in ("ours", "hf", "hf_1thread"):
     if name in x:
       y = x[name]
       bound = f"{y['of_bound']:>10.1%}" if "of_bound" in y else f"{'':>10}"
       lines.append(f"{name:<14}{_fmt_spread(y['wall_s']):>26}{y['cpu_s']['median']:>9.2f}"
                    f"{y['tokens_per_s']:>10.1f}{bound}")
-  lines.append("speedup = ratio of tokens/s within each round, median [min-max] over rounds:")
-  for mine in DECODERS:
-    pairs = [f"{k.split('/')[1]} {_fmt_spread(v, 'x')}" for k, v in x["speedups"].items()
-             if k.startswith(mine + "/")]
-    if pairs:
-      lines.append(f"  {mine} over: " + ",  ".join(pairs))
+  if x["speedups"]:
+    lines.append("ours over (ratio of tokens/s within each round, median [min-max]): " + ",  ".join(
+        f"{k.split('/')[1]} {_fmt_spread(v, 'x')}" for k, v in x["speedups"].items()))
   lines.append(f"memory-bandwidth bound: {x['bound_tokens_per_s']:.0f} tokens/s "
                f"({x['decode_bytes_per_step'] / 1e6:.1f} MB read per decode step at "
                f"{x['mem_bw_gbps']:.1f} GB/s, {x['mem_bw_source']})")
@@ -580,20 +799,72 @@ def _format_shared(r: dict[str, Any]) -> list[str]:
            f"gen={s['gen_len']}  rounds={s['runs']}  load {s['load_before']:.1f} -> "
            f"{s['load_after']:.1f}  prefill of the {s['prompts']} prompts alone: "
            f"{_fmt_spread(s['prefill_s'], 's')}",
-           f"{'decoder':<14}{'K':>3}{'rows':>6}{'shared s/call':>24}{'ms/tok':>8}"
-           f"{'naive s/call':>24}{'ms/tok':>8}{'naive/shared':>22}{'shared vs ours':>22}"]
+           f"{'K':>3}{'rows':>6}{'shared s/call':>24}{'ms/tok':>8}{'naive s/call':>24}"
+           f"{'ms/tok':>8}{'naive/shared':>22}"]
   for row in s["rows"]:
     sh, nv = row["shared"], row.get("naive")
-    line = (f"{row['decoder']:<14}{row['k']:>3}{s['prompts'] * row['k']:>6}"
-            f"{_fmt_spread(sh['wall_s']):>24}{sh['s_per_token'] * 1e3:>8.1f}")
+    line = (f"{row['k']:>3}{s['prompts'] * row['k']:>6}{_fmt_spread(sh['wall_s']):>24}"
+            f"{sh['s_per_token'] * 1e3:>8.1f}")
     if nv:
       line += (f"{_fmt_spread(nv['wall_s']):>24}{nv['s_per_token'] * 1e3:>8.1f}"
                f"{_fmt_spread(row['naive/shared'], 'x'):>22}")
     else:
       line += f"{'(same call)':>24}{'':>8}{'1':>22}"
-    if "speedup_over_ours" in row:
-      line += f"{_fmt_spread(row['speedup_over_ours'], 'x'):>22}"
     lines.append(line)
+  return lines
+
+
+def _format_continuous(r: dict[str, Any]) -> list[str]:
+  c = r["continuous"]
+  s, m = c["schedule"], c["model"]
+  return [
+      f"Part 4: K={c['k']}  lengths lognormal(median {c['median']:.0f}, sigma {c['sigma']}) "
+      f"clipped to [1, {c['max_len']}]  load {c['load_before']:.1f} -> {c['load_after']:.1f}",
+      f"(a) schedule: {s['prompts']} prompts on {s['rows']} rows (refill {s['prefill_prompts']} "
+      f"prompts at a time); lengths mean {s['mean_len']:.0f}, p50 {s['p50']:.0f}, "
+      f"p90 {s['p90']:.0f}, {s['at_cap']:.1%} at the cap",
+      f"    continuous: slot_utilization {s['slot_utilization']:.3f} (without the run's tail "
+      f"{s['steady_slot_utilization']:.3f}), {s['decode_steps']} decode steps, "
+      f"{s['decode_calls']} decode / {s['refill_calls']} refill calls",
+      f"    static batches: slot_utilization {s['static_slot_utilization']:.3f}, "
+      f"{s['static_steps']} decode steps",
+      f"(b) preset={m['preset']}: {m['prompts']} prompts x {c['k']} on {m['rows']} rows, "
+      f"{m['tokens']} tokens (mean {m['mean_len']:.0f}); slot_utilization continuous "
+      f"{m['continuous_slot_utilization']:.3f}, static {m['static_slot_utilization']:.3f}",
+      f"    continuous {_fmt_spread(m['continuous']['wall_s'], 's')} "
+      f"({m['continuous']['tokens_per_s']:.0f} tokens/s), static "
+      f"{_fmt_spread(m['static']['wall_s'], 's')} ({m['static']['tokens_per_s']:.0f} tokens/s); "
+      f"continuous / static {_fmt_spread(m['continuous/static'], 'x')}"]
+
+
+def _format_bytes(r: dict[str, Any]) -> list[str]:
+  b = r["bytes"]
+  a = b["analytic"]
+  gb = lambda x: f"{x / 1e9:.2f} GB"
+  cal = b["calibration"]
+  lines = [f"Part 5: one decode step, TinyLlama shape (bf16), {b['rows']} rows, ring {b['ring']}, "
+           f"compiled for {b['chips']} chip(s) of {b['topology']} ({b['device']}); per chip:"]
+  for impl in ("dense", "ragged"):
+    x = b[impl]
+    lines.append(f"  {impl:<7} compiled: arguments {gb(x['argument_bytes'])}, temporaries "
+                 f"{gb(x['temp_bytes'])}, XLA cost-model bytes {gb(x['xla_cost_bytes'])}; "
+                 f"while loops {x['while_loops']}, all-gathers of the rows "
+                 f"{x['row_all_gathers']}, cache-sized copies {x['cache_copies']}, in-place "
+                 f"cache writes {x['cache_writes']}, kernel calls {x['kernel_calls']}")
+  lines += [
+      f"  XLA's cost model charges the dense attention {gb(b['dense_attention_xla_cost_bytes'])}"
+      f" (dense - kernel step); the whole ring is {gb(b['whole_ring_bytes'])}; it charges one "
+      f"MLP matmul {cal['xla_cost_bytes'] / 1e6:.0f} MB for {cal['operand_bytes'] / 1e6:.0f} MB "
+      "of operands",
+      "  E-step programs on one chip (ragged kernel; usable HBM " + gb(b["hbm_bytes"]) + "): "
+      + ", ".join(
+          f"{name} arguments {gb(x['argument_bytes'])} + temporaries {gb(x['temp_bytes'])} = "
+          f"peak {gb(x['peak_bytes'])}" for name, x in b["programs"].items()),
+      f"  analytic (mean context {a['mean_context']:.0f}, idle rows {a['idle_rows']:.1%}, "
+      f"{a['refilled_rows_per_step']:.2f} rows refilled per step): weights {gb(a['weights'])}, "
+      f"minimum {gb(a['minimum'])}, dense {gb(a['dense'])} ({a['dense/minimum']:.2f}x), "
+      f"kernel {gb(a['kernel'])} ({a['kernel/minimum']:.2f}x; K/V fetched / filled "
+      f"{a['kernel_kv_fetched_over_filled']:.2f})"]
   return lines
 
 
@@ -603,14 +874,13 @@ def format_table(r: dict[str, Any]) -> str:
            f"load avg start={r['loadavg_start'][0]:.1f} end={r['loadavg_end'][0]:.1f}  "
            f"XLA_FLAGS={r['xla_flags'] or '(unset)'}",
            "versions: " + " ".join(f"{k}={v}" for k, v in r["versions"].items())]
-  if "generation_skipped" in r:
-    lines.append(f"[{r['preset']}] generation skipped: {r['generation_skipped']}")
-  if "generation" in r:
-    lines += [""] + _format_generation(r)
-  if "shared_skipped" in r:
-    lines.append(f"Part 2 skipped: {r['shared_skipped']}")
-  if "shared" in r:
-    lines += [""] + _format_shared(r)
+  for key in ("generation_skipped", "shared_skipped"):
+    if key in r:
+      lines.append(f"{key}: {r[key]}")
+  for key, fmt in (("generation", _format_generation), ("shared", _format_shared),
+                   ("continuous", _format_continuous), ("bytes", _format_bytes)):
+    if key in r:
+      lines += [""] + fmt(r)
   return "\n".join(lines)
 
 
@@ -619,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
   result = run(args)
   print(format_table(result), flush=True)
   if args.json:
-    print(json.dumps(result, sort_keys=True), flush=True)
+    print(json.dumps(result, sort_keys=True, default=float), flush=True)
   return 0
 
 

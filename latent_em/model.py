@@ -7,10 +7,8 @@ Every parameter and key activation carries logical axis names; `sharding.py` map
 axes. Parameters are stored in `param_dtype` (fp32), computed in `dtype` (bf16 on accelerators),
 and logits/softmax are fp32.
 
-Attention masking is by *slot*: in a plain forward pass token t sits in slot t and sees slots
-<= t of its own packed segment. In cached decoding, row b writes its T new tokens into slots
-`cache_index[b] .. cache_index[b] + T - 1` and each query sees every slot up to its own, so
-right-padded (bucketed) prompts need no extra mask: generation overwrites the padding.
+Attention over a whole sequence (causal, within packed segments) is `attention.py`; cached
+decoding (the KV cache, its writes and attention over it) is `kv_cache.py`.
 """
 from __future__ import annotations
 
@@ -22,12 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latent_em import config_lib
+from latent_em import attention, config_lib, kv_cache
 
 Array = jax.Array
-# One {"k": [B, K, S, Dh], "v": [B, K, S, Dh]} per layer: each layer's buffer is its own
-# loop-carried value in the sampler's while loop, updated in place.
-Cache = tuple[dict[str, Array], ...]
+Cache = kv_cache.Cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,59 +122,78 @@ class RMSNorm(nn.Module):
     return (scale.astype(self.cfg.compute_dtype) * x32.astype(self.cfg.compute_dtype))
 
 
-def _dense(cfg, features, axis, kernel_axes, name):
-  return nn.DenseGeneral(features=features, axis=axis, use_bias=False, dtype=cfg.compute_dtype,
-                         param_dtype=cfg.params_dtype, kernel_init=_init(cfg, kernel_axes),
-                         name=name)
+class Dense(nn.Module):
+  """Bias-free projection contracting the last `in_dims` axes of x with a kernel of shape
+  x.shape[-in_dims:] + features.
+
+  The kernel is created at its full rank (e.g. q_proj [D, H, Dh]), so each of its axes carries
+  its own logical name and the rules table can shard heads and embedding independently.
+  Parameters are cast to the compute dtype for the matmul.
+  """
+  cfg: ModelConfig
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  in_dims: int = 1
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    shape = tuple(x.shape[-self.in_dims:]) + tuple(self.features)
+    kernel = self.param("kernel", _init(cfg, self.kernel_axes), shape, cfg.params_dtype)
+    dt = cfg.compute_dtype
+    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+    return jax.lax.dot_general(x.astype(dt), kernel.astype(dt), (contract, ((), ())))
+
+
+def _dense(cfg, features, in_dims, kernel_axes, name):
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Dense(cfg, features, kernel_axes, in_dims, name=name)
+
+
+class Embed(nn.Module):
+  """Token embedding table [V, D] ("vocab", "embed"); `attend` is the tied output projection."""
+  cfg: ModelConfig
+
+  def setup(self):
+    self.embedding = self.param("embedding", _init(self.cfg, ("vocab", "embed")),
+                                (self.cfg.vocab_size, self.cfg.dim), self.cfg.params_dtype)
+
+  def __call__(self, tokens_BT: Array) -> Array:
+    # The lookup reads a table whose embedding dim is gathered first (as FSDP gathers every
+    # weight): a lookup into a table split along D would instead gather every device's token ids,
+    # i.e. the global batch.
+    table = _constrain(self.embedding.astype(self.cfg.compute_dtype), ("vocab", None))
+    return jnp.take(table, tokens_BT, axis=0)
+
+  def attend(self, x_BTD: Array) -> Array:
+    dt = self.cfg.compute_dtype
+    return jnp.einsum("btd,vd->btv", x_BTD.astype(dt), self.embedding.astype(dt))
 
 
 class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, q_slots_BT, kv_segments_BS, q_segments_BT,
-               cache: Cache | None, cache_index_B: Array | None):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache: Cache | None,
+               window: kv_cache.Window | None):
     cfg = self.cfg
     h, k, dh = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-    q_BTHD = _dense(cfg, (h, dh), -1, ("embed", "q_heads", "kv"), "q_proj")(x_BTD)
-    k_BTKD = _dense(cfg, (k, dh), -1, ("embed", "kv_heads", "kv"), "k_proj")(x_BTD)
-    v_BTKD = _dense(cfg, (k, dh), -1, ("embed", "kv_heads", "kv"), "v_proj")(x_BTD)
+    q_BTHD = _dense(cfg, (h, dh), 1, ("embed", "q_heads", "kv"), "q_proj")(x_BTD)
+    k_BTKD = _dense(cfg, (k, dh), 1, ("embed", "kv_heads", "kv"), "k_proj")(x_BTD)
+    v_BTKD = _dense(cfg, (k, dh), 1, ("embed", "kv_heads", "kv"), "v_proj")(x_BTD)
     inv_freq = rope_frequencies(cfg)
     q_BTHD = apply_rope(q_BTHD, positions_BT, inv_freq)
     k_BTKD = apply_rope(k_BTKD, positions_BT, inv_freq)
     q_BTHD = _constrain(q_BTHD, ("activation_batch", "activation_length", "activation_heads",
                                  "activation_kv"))
 
-    # Attention runs head-major ([B, K, ., ., Dh]): XLA then batches its matmuls over (b, k)
-    # without transposing keys and values, and the cache is stored in that layout.
-    k_BKTD = k_BTKD.transpose(0, 2, 1, 3)
-    v_BKTD = v_BTKD.transpose(0, 2, 1, 3)
-    new_cache = None
-    if cache is not None:
-      write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new, (0, i, 0)))
-      keys = write(cache["k"], k_BKTD.astype(cache["k"].dtype), cache_index_B)
-      values = write(cache["v"], v_BKTD.astype(cache["v"].dtype), cache_index_B)
-      new_cache = {"k": keys, "v": values}
-      keys, values = keys.astype(cfg.compute_dtype), values.astype(cfg.compute_dtype)
+    if cache is None:
+      out_BTHD = attention.attend(q_BTHD, k_BTKD, v_BTKD, segment_ids_BT, cfg.compute_dtype)
+      new_cache = None
     else:
-      keys, values = k_BKTD, v_BKTD
-    kv_axes = ("activation_batch", "activation_kv_heads", "activation_length", "activation_kv")
-    keys, values = _constrain(keys, kv_axes), _constrain(values, kv_axes)
-
-    b, t = q_BTHD.shape[:2]
-    s = keys.shape[2]
-    q_BKGTD = q_BTHD.reshape(b, t, k, h // k, dh).transpose(0, 2, 3, 1, 4)
-    logits_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, keys).astype(jnp.float32)
-    logits_BKGTS = logits_BKGTS / jnp.sqrt(jnp.float32(dh))
-    kv_slots = jnp.arange(s)
-    mask_BTS = kv_slots[None, None, :] <= q_slots_BT[:, :, None]
-    if kv_segments_BS is not None:
-      mask_BTS &= kv_segments_BS[:, None, :] == q_segments_BT[:, :, None]
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits_BKGTS, axis=-1).astype(cfg.compute_dtype)
-    out_BKGTD = jnp.einsum("bkgts,bksd->bkgtd", probs, values)
-    out_BTHD = out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
-    out = _dense(cfg, cfg.dim, (-2, -1), ("q_heads", "kv", "embed"), "o_proj")(out_BTHD)
+      out_BTHD, new_cache = kv_cache.update_and_attend(q_BTHD, k_BTKD, v_BTKD, cache, window,
+                                                       _constrain, cfg.compute_dtype)
+    out = _dense(cfg, cfg.dim, 2, ("q_heads", "kv", "embed"), "o_proj")(out_BTHD)
     return out, new_cache
 
 
@@ -188,11 +203,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     cfg = self.cfg
-    gate = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "gate_proj")(x_BTD)
-    up = _dense(cfg, cfg.mlp_dim, -1, ("embed", "mlp"), "up_proj")(x_BTD)
+    gate = _dense(cfg, cfg.mlp_dim, 1, ("embed", "mlp"), "gate_proj")(x_BTD)
+    up = _dense(cfg, cfg.mlp_dim, 1, ("embed", "mlp"), "up_proj")(x_BTD)
     hidden = _constrain(nn.silu(gate) * up, ("activation_batch", "activation_length",
                                              "activation_mlp"))
-    return _dense(cfg, cfg.dim, -1, ("mlp", "embed"), "down_proj")(hidden)
+    return _dense(cfg, cfg.dim, 1, ("mlp", "embed"), "down_proj")(hidden)
 
 
 class Block(nn.Module):
@@ -200,13 +215,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cache, positions_BT, q_slots_BT, kv_segments_BS, q_segments_BT,
-               cache_index_B):
+  def __call__(self, x_BTD, cache, positions_BT, segment_ids_BT, window):
     act_axes = ("activation_batch", "activation_length", "activation_embed")
     x_BTD = _constrain(x_BTD, act_axes)
     attn_out, new_cache = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions_BT, q_slots_BT, kv_segments_BS,
-        q_segments_BT, cache, cache_index_B)
+        RMSNorm(self.cfg, name="attn_norm")(x_BTD), positions_BT, segment_ids_BT, cache, window)
     x_BTD = x_BTD + attn_out
     x_BTD = x_BTD + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x_BTD))
     return _constrain(x_BTD, act_axes), new_cache
@@ -224,13 +237,10 @@ class Transformer(nn.Module):
                segment_ids_BT: Array | None = None):
     cfg = self.cfg
     b, t = tokens_BT.shape
-    q_slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     if positions_BT is None:
-      positions_BT = q_slots
+      positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
 
-    embed = nn.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.params_dtype,
-                     embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
+    embed = Embed(cfg, name="embed")
     x_BTD = embed(tokens_BT)
 
     block = Block
@@ -238,10 +248,10 @@ class Transformer(nn.Module):
       policy = (jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
                 if cfg.remat == "dots" else None)
       block = nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
-    broadcast = (positions_BT, q_slots, segment_ids_BT, segment_ids_BT, None)
+    broadcast = (positions_BT, segment_ids_BT, None)
     if cfg.scan_layers:
       layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(0,) + (nn.broadcast,) * 5, length=cfg.n_layers,
+                       in_axes=(0,) + (nn.broadcast,) * 3, length=cfg.n_layers,
                        metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
       x_BTD, _ = layers(x_BTD, None, *broadcast)
     else:
@@ -252,7 +262,7 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       logits = embed.attend(x_BTD)
     else:
-      logits = _dense(cfg, cfg.vocab_size, -1, ("embed", "vocab"), "lm_head")(x_BTD)
+      logits = _dense(cfg, cfg.vocab_size, 1, ("embed", "vocab"), "lm_head")(x_BTD)
     return _constrain(logits.astype(jnp.float32),
                       ("activation_batch", "activation_length", "activation_vocab"))
 
@@ -284,21 +294,17 @@ def forward(cfg: ModelConfig, params: Any, tokens: Array, positions: Array | Non
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-  """Zeroed KV cache: one {"k", "v"} per layer, each [B, K, S, Dh] (kv heads before slots, the
-  layout attention reads)."""
-  shape = (batch, cfg.n_kv_heads, max_len, cfg.hd)
-  dtype = dtype or cfg.compute_dtype
-  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-               for _ in range(cfg.n_layers))
+  """Zeroed ring KV cache (`kv_cache.init_cache`): one {"k", "v"} per layer, each [B, S, K * Dh]."""
+  return kv_cache.init_cache(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.hd,
+                             dtype or cfg.compute_dtype)
 
 
-CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_kv")
+CACHE_AXES = kv_cache.CACHE_AXES
 
 
 def cache_partition_specs(cfg: ModelConfig) -> Cache:
   """PartitionSpecs of logical axis names matching `init_cache`'s structure."""
-  spec = jax.sharding.PartitionSpec(*CACHE_AXES)
-  return tuple({"k": spec, "v": spec} for _ in range(cfg.n_layers))
+  return kv_cache.partition_specs(cfg.n_layers)
 
 
 def layer_params(cfg: ModelConfig, params: Any) -> list[Any]:
@@ -308,35 +314,83 @@ def layer_params(cfg: ModelConfig, params: Any) -> list[Any]:
   return [params[f"layers_{i}"] for i in range(cfg.n_layers)]
 
 
-def decode(cfg: ModelConfig, params: Any, tokens: Array, cache: Cache, cache_index: Array,
-           positions: Array | None = None) -> tuple[Array, Cache]:
-  """Cached step: writes tokens [B, T] at slots cache_index[b].. and returns (logits, cache).
+def decode_params(cfg: ModelConfig, params: Any) -> Any:
+  """The parameters as cached decoding reads them: one tree per layer ("layers_i") and every
+  leaf in the compute dtype.
 
-  Used for prefill (T = prompt bucket) and for one-token decode steps (T = 1). `positions`
-  default to the slots, i.e. prompts start at slot 0. Layers run one after another over their
-  own caches (not nn.scan): a decode step then neither slices weights out of the stacked arrays
-  nor re-stacks the whole cache (measured 2x faster decoding; docs/benchmarks.md).
+  A decode step then reads each weight once at the width it computes in, and never slices a
+  layer out of the stacked [L, ...] arrays (on CPU that copy cost ~10x the step itself;
+  docs/benchmarks.md). `sampler.place_params` makes this copy once on the device; dropping the
+  original leaves a single one. Idempotent: already-prepared params come back unchanged.
   """
-  b, t = tokens.shape
-  slots = cache_index[:, None] + jnp.arange(t)[None, :]
-  if positions is None:
-    positions = slots
   dt = cfg.compute_dtype
-  table = params["embed"]["embedding"]
-  x = jnp.take(table.astype(dt), tokens, axis=0)
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i, p in enumerate(layer_params(cfg, params)):
+    out[f"layers_{i}"] = p
+  return jax.tree.map(lambda x: x.astype(dt), out)
+
+
+def decode_logical_axes(cfg: ModelConfig) -> Any:
+  """PartitionSpec tree of logical axis names matching `decode_params`' structure."""
+  return logical_axes(dataclasses.replace(cfg, scan_layers=False))
+
+
+def _decode_layers(cfg: ModelConfig, params: Any, tokens: Array, cache: Cache,
+                   window: kv_cache.Window, positions: Array) -> tuple[Array, Cache]:
+  """Embedding and the Blocks, one layer after another over its own cache -> (x [B, T, D], cache).
+
+  Layers are not an nn.scan: a decode step then neither slices weights out of stacked arrays nor
+  re-stacks the whole cache (measured 2x faster decoding; docs/benchmarks.md).
+  """
+  x = Embed(cfg).apply({"params": params["embed"]}, tokens)
   new_cache = []
   for p, layer_cache in zip(layer_params(cfg, params), cache):
-    x, c = Block(cfg).apply({"params": p}, x, layer_cache, positions, slots, None, None,
-                            cache_index)
+    x, c = Block(cfg).apply({"params": p}, x, layer_cache, positions, None, window)
     new_cache.append(c)
-  x = RMSNorm(cfg).apply({"params": params["final_norm"]}, x)
+  return RMSNorm(cfg).apply({"params": params["final_norm"]}, x), tuple(new_cache)
+
+
+def _output_logits(cfg: ModelConfig, params: Any, x: Array) -> Array:
+  dt = cfg.compute_dtype
   if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", x, table.astype(dt))
+    logits = jnp.einsum("...d,vd->...v", x, params["embed"]["embedding"].astype(dt))
   else:
-    logits = jnp.einsum("btd,dv->btv", x, params["lm_head"]["kernel"].astype(dt))
-  logits = _constrain(logits.astype(jnp.float32),
+    logits = jnp.einsum("...d,dv->...v", x, params["lm_head"]["kernel"].astype(dt))
+  return logits.astype(jnp.float32)
+
+
+def prefill(cfg: ModelConfig, params: Any, tokens: Array, lengths: Array
+            ) -> tuple[Array, Cache]:
+  """Prompts -> (logits of each prompt's next token [B, V] fp32, their cache [B, T, K * Dh]).
+
+  `tokens` [B, T] are LEFT-padded: row b's prompt is its last lengths[b] tokens, at positions
+  0..lengths[b]-1. The cache holds exactly the T slots (prompts end at slot T - 1);
+  `kv_cache.insert` copies it into decoding rows of a ring.
+  """
+  t = tokens.shape[1]
+  window = kv_cache.prefill_window(lengths, t)
+  positions = window.context[:, None] + jnp.arange(t)[None, :]
+  x, cache = _decode_layers(cfg, params, tokens, kv_cache.prefill_cache(cfg.n_layers), window,
+                            positions)
+  logits = _output_logits(cfg, params, x[:, -1])
+  return _constrain(logits, ("activation_batch", "activation_vocab")), cache
+
+
+def decode(cfg: ModelConfig, params: Any, tokens: Array, cache: Cache, window: kv_cache.Window,
+           positions: Array | None = None) -> tuple[Array, Cache]:
+  """Cached step: tokens [B, T] enter the ring at slots window.head.. -> (logits [B, T, V], cache).
+
+  Row b attends over its `window.context[b]` cached tokens and the new ones (kv_cache.py).
+  `positions` (RoPE) default to context[b] + 0..T-1, i.e. the row's tokens are numbered from 0.
+  Any params layout works; `decode_params` is the one a decode loop should hold.
+  """
+  t = tokens.shape[1]
+  if positions is None:
+    positions = window.context[:, None] + jnp.arange(t)[None, :]
+  x, new_cache = _decode_layers(cfg, params, tokens, cache, window, positions)
+  logits = _constrain(_output_logits(cfg, params, x),
                       ("activation_batch", "activation_length", "activation_vocab"))
-  return logits, tuple(new_cache)
+  return logits, new_cache
 
 
 def param_count(cfg: ModelConfig, include_embedding: bool = True) -> int:

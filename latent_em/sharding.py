@@ -6,10 +6,12 @@ only place that maps them to mesh axes ("data", "fsdp", "tensor"), through the r
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -97,6 +99,30 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
   except (AssertionError, ValueError, NotImplementedError):
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, tuple(cfg.axis_names))
+
+
+@contextlib.contextmanager
+def logical_rules(mesh: Mesh, rules):
+  """Puts the rules table and the mesh in effect: inside, the model's
+  `nn.with_logical_constraint` calls become sharding constraints (outside they do nothing).
+
+  Enter it while a function is traced (inside `jax.jit`); `with_logical_rules` does that.
+  """
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(list(rules)):
+    yield
+
+
+def with_logical_rules(fn: Callable, mesh: Mesh | None, rules) -> Callable:
+  """`fn`, traced with `logical_rules(mesh, rules)` in effect (unchanged when mesh is None)."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with logical_rules(mesh, rules):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules) -> Any:

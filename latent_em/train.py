@@ -194,8 +194,10 @@ def run(config, workdir: str) -> dict[str, Any]:
     start = 0
 
   step_fn = ts.jit_train_step(
-      ts.make_train_step(cfg_model, tx, schedule, cfg_train.grad_accum), mesh, state_sharding)
-  eval_fn = ts.make_eval_step(cfg_model, mesh, state_sharding.params) if val_files else None
+      ts.make_train_step(cfg_model, tx, schedule, cfg_train.grad_accum, mesh, rules), mesh,
+      state_sharding)
+  eval_fn = (ts.make_eval_step(cfg_model, mesh, state_sharding.params, rules) if val_files
+             else None)
 
   def evaluate(params) -> float:
     total, weight = 0.0, 0.0

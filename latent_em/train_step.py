@@ -33,8 +33,11 @@ def token_nll(cfg: model_lib.ModelConfig, params: Any, batch: Batch) -> tuple[ja
   """Per-token negative log-likelihood [B, T] (fp32) and the loss weights [B, T]."""
   logits = model_lib.forward(cfg, params, batch["inputs"], batch.get("positions"),
                              batch.get("segment_ids"))
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  # The target's logit through a one-hot product rather than a gather: the partitioner then keeps
+  # the targets sharded with the logits instead of gathering them to the global batch.
+  target_logit = jnp.sum(logits * jax.nn.one_hot(batch["targets"], logits.shape[-1],
+                                                 dtype=logits.dtype), axis=-1)
+  nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
   return nll, batch["loss_weights"].astype(jnp.float32)
 
 
@@ -76,11 +79,28 @@ def create_sharded_state(cfg: model_lib.ModelConfig, tx: optax.GradientTransform
   return init(params)
 
 
+def split_microbatches(batch: Batch, n: int) -> Batch:
+  """[B, ...] -> [n, B/n, ...]; micro-batch m holds rows m, m + n, m + 2n, ...
+
+  Strided rather than contiguous: when B/n is a multiple of the data-parallel size, every
+  device keeps its own rows of every micro-batch, so the split moves no data and each
+  micro-batch stays sharded along the batch axes ("activation_batch").
+  """
+  def split(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(cfg: model_lib.ModelConfig, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int = 1) -> Callable:
+                    schedule: optax.Schedule, grad_accum: int = 1, mesh: Mesh | None = None,
+                    rules=None) -> Callable:
   """Pure step (state, batch) -> (state, metrics); the batch's leading dim splits into
   `grad_accum` micro-batches whose gradients are summed before one update. The loss is the mean
   over all weighted tokens of the step, so accumulation gives the same update as one big batch.
+
+  With a `mesh`, the step is traced under `rules` (default `sharding.DEFAULT_RULES`), so the
+  model's logical activation constraints shard its activations.
   """
   grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
 
@@ -88,7 +108,7 @@ def make_train_step(cfg: model_lib.ModelConfig, tx: optax.GradientTransformation
     if grad_accum == 1:
       (loss_sum, weight_sum), grads = grad_fn(state.params, cfg, batch)
     else:
-      micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+      micro = split_microbatches(batch, grad_accum)
 
       def body(carry, mb):
         (l, w), g = grad_fn(state.params, cfg, mb)
@@ -113,7 +133,7 @@ def make_train_step(cfg: model_lib.ModelConfig, tx: optax.GradientTransformation
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return step
+  return sharding.with_logical_rules(step, mesh, sharding.DEFAULT_RULES if rules is None else rules)
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh, state_sharding: TrainState) -> Callable:
@@ -122,9 +142,11 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, state_sharding: TrainState) ->
                  out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(cfg: model_lib.ModelConfig, mesh: Mesh, params_sharding: Any) -> Callable:
+def make_eval_step(cfg: model_lib.ModelConfig, mesh: Mesh, params_sharding: Any,
+                   rules=None) -> Callable:
   """jitted (params, batch) -> (sum of NLL, sum of weights) for validation NLL per token."""
-  fn = functools.partial(_sum_loss, cfg=cfg)
+  fn = sharding.with_logical_rules(functools.partial(_sum_loss, cfg=cfg), mesh,
+                                   sharding.DEFAULT_RULES if rules is None else rules)
   return jax.jit(lambda p, b: fn(p, batch=b),
                  in_shardings=(params_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))

@@ -1,4 +1,5 @@
 """E-step tests: job records + resume, overflow policy, joint scores vs full forward, sharding."""
+import dataclasses
 import glob
 import json
 import os
@@ -79,15 +80,29 @@ def test_estep_job_writes_records_and_resumes(assets, tmp_path):
   assert summary["chunks"] == n_chunks and 1.0 <= summary["mean_ess"] <= 3.0
   assert set(summary["elbo_per_token"]) == {"1", "2"}
   assert json.load(open(tmp_path / "estep" / "summary.json"))["chunks"] == n_chunks
+  # Every sampled token is a useful row-step: K x (thought + EoL) per chunk, at most.
+  steps = summary["decode_row_steps"]
+  assert 0 < summary["slot_utilization"] == steps["useful"] / steps["computed"] <= 1
+  assert steps["useful"] <= n_chunks * 3 * 13
 
-  # Kill simulation: drop one finished shard; the rerun redoes only it, identically.
-  before = open(paths[1], "rb").read()
+  # Kill simulation: drop one finished shard; the rerun redoes only it. It decodes beside no
+  # other shard (other rows, other ring slots), so floats may differ in the last bits; the
+  # thoughts and the records' fields are the same.
+  before = list(records.read_records([paths[1]]))
   mtimes = {p: os.path.getmtime(p) for p in paths}
   os.remove(paths[1])
-  job.run(config, str(tmp_path))
-  assert open(paths[1], "rb").read() == before
+  again = job.run(config, str(tmp_path))
+  after = list(records.read_records([paths[1]]))
+  assert [r.text for r in after] == [r.text for r in before]
+  for a, b in zip(after, before):
+    for ca, cb in zip(a.chunks, b.chunks, strict=True):
+      assert (ca.prefix, ca.suffix, ca.thought, ca.ended, ca.thought_len) == (
+          cb.prefix, cb.suffix, cb.thought, cb.ended, cb.thought_len)
+      np.testing.assert_allclose(ca.log_weights, cb.log_weights, atol=1e-4)
   assert os.path.getmtime(paths[0]) == mtimes[paths[0]]
   assert os.path.getmtime(paths[2]) == mtimes[paths[2]]
+  # The rerun's decoding is added to the first run's.
+  assert again["decode_row_steps"]["useful"] > steps["useful"]
 
 
 def test_joint_scores_match_full_forward(assets):
@@ -109,6 +124,45 @@ def test_joint_scores_match_full_forward(assets):
   assert res.log_joint[res.kept] == pytest.approx(ref, abs=2e-3)
   assert res.log_weights[res.kept] == pytest.approx(res.log_joint[res.kept] - res.log_q[res.kept],
                                                     abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_samples_what_static_batches_do(assets, temperature):
+  """Engine.process (rows refilled as chunks finish) draws the same K thoughts per chunk as one
+  static Sampler call with the same keys, and its log q are the thoughts' log-probabilities
+  under the processed (temperature, banned ids) distribution."""
+  root, corpus, tok, cfg, params = assets
+  from latent_em import runtime
+  from latent_em.sampling import sampler as S, scoring
+  ecfg = runtime.section(estep_config(root, corpus), "estep")
+  ecfg = dataclasses.replace(ecfg, batch_chunks=2, prefill_chunks=1,
+                             sampling=dataclasses.replace(ecfg.sampling, temperature=temperature))
+  engine = core.Engine(ecfg, cfg, params, tok)
+  docs = [json.loads(l)["text"] for l in open(corpus)]
+  pairs = [(d[:i * 7], d[i * 7:i * 7 + 40 + 9 * i]) for i, d in enumerate(docs[:5])]
+  res = engine.process(pairs, jax.random.key(3), np.random.default_rng(0))
+  assert engine.sampler.stats.refill_calls >= 3   # 2 chunks' rows at a time: refilled
+
+  chunks = [engine.chunk(p, x, None) for p, x in pairs]
+  width = max(len(c.prompt) for c in chunks)
+  prompts = np.zeros((len(chunks), width), np.int32)
+  for i, c in enumerate(chunks):
+    prompts[i, :len(c.prompt)] = c.prompt
+  static = S.Sampler(engine.decode_model, engine.sampling, stop_ids=(engine.eol, tok.eos_id))
+  out = jax.device_get(static(params, jnp.asarray(prompts),
+                              jnp.asarray([len(c.prompt) for c in chunks]), jax.random.key(3),
+                              num_samples=3))
+  logp_fn = scoring.make_token_logprobs(cfg, temperature, 0, 1.0, engine.sampling.banned_ids)
+  for i, (r, c) in enumerate(zip(res, chunks)):
+    n = int(out.lengths[i * 3 + r.kept])
+    ids = out.tokens[i * 3 + r.kept, :n].tolist()
+    assert r.thought_ids == (ids[:-1] if out.finished[i * 3 + r.kept] else ids)
+    np.testing.assert_allclose(r.log_q, out.logprobs[i * 3:(i + 1) * 3].sum(1), atol=1e-4)
+    if temperature:
+      ref = scoring.score(logp_fn, params, [(c.prompt, ids)], row_len=160)
+      assert r.log_q[r.kept] == pytest.approx(ref[0], abs=1e-3)
+    else:
+      assert r.log_q == [0.0, 0.0, 0.0]
 
 
 def test_overflow_cuts_prefix_then_suffix():

@@ -276,13 +276,18 @@ def test_latent_tokens_never_generated_when_banned(assets, monkeypatch):
   latent_ids = sorted(tok.latent_ids.values())
   boost = np.zeros((cfg.vocab_size,), np.float32)
   boost[latent_ids] = 50.0
-  real_decode = model.decode
+  real_decode, real_prefill = model.decode, model.prefill
 
-  def boosted(cfg_, params_, tokens, cache, index, positions=None):
-    logits, cache = real_decode(cfg_, params_, tokens, cache, index, positions)
+  def boosted(*args, **kwargs):
+    logits, cache = real_decode(*args, **kwargs)
+    return logits + boost, cache
+
+  def boosted_prefill(*args, **kwargs):
+    logits, cache = real_prefill(*args, **kwargs)
     return logits + boost, cache
 
   monkeypatch.setattr(model, "decode", boosted)
+  monkeypatch.setattr(model, "prefill", boosted_prefill)
   examples = _examples(splits, "eval")[:2]
   prompts = [fewshot.fit_prompt(tok, [], e.question, "mathcorpus", False, 120).ids
              for e in examples]

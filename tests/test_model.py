@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latent_em import model
+from latent_em import kv_cache, model
 
 CFG = model.ModelConfig(vocab_size=97, dim=64, n_layers=3, n_heads=4, n_kv_heads=2,
                         mlp_dim=160)
@@ -36,35 +36,45 @@ def test_causal(params):
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_cached_decode_matches_full_forward(scan):
+  """Prefill, a 3-token decode call, then one-token steps == the full forward's logits."""
   cfg = model.ModelConfig(**{**CFG.__dict__, "scan_layers": scan})
   p = model.init_params(cfg, jax.random.key(0))
   toks = _tokens((3, 16))
   full = model.forward(cfg, p, toks)
-  cache = model.init_cache(cfg, 3, 20)
-  logits, cache = model.decode(cfg, p, toks[:, :5], cache, jnp.zeros(3, jnp.int32))
+  last, prompt_cache = model.prefill(cfg, p, toks[:, :5], jnp.full((3,), 5, jnp.int32))
+  np.testing.assert_allclose(last, full[:, 4], atol=2e-5, rtol=1e-5)
+  rows = jnp.arange(3)
+  cache = kv_cache.insert(model.init_cache(cfg, 3, 20), prompt_cache, rows, rows, jnp.int32(5))
+  logits, cache = model.decode(cfg, p, toks[:, 5:8], cache,
+                               kv_cache.Window(jnp.int32(5), jnp.full((3,), 5, jnp.int32)))
   steps = [logits]
-  for t in range(5, 16):
-    logits, cache = model.decode(cfg, p, toks[:, t:t + 1], cache, jnp.full(3, t, jnp.int32))
+  for t in range(8, 16):
+    logits, cache = model.decode(cfg, p, toks[:, t:t + 1], cache,
+                                 kv_cache.Window(jnp.int32(t), jnp.full((3,), t, jnp.int32)))
     steps.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full[:, 5:], atol=2e-5, rtol=1e-5)
 
 
-def test_bucketed_padding_and_shared_prompt_cache(params):
-  """Right-padded prompts of different lengths, prefilled once and shared by K samples."""
+def test_left_padded_prompts_shared_by_samples_across_the_ring_end(params):
+  """Prompts of different lengths, left-padded and prefilled once, copied to K rows each so
+  that they wrap around the end of the ring; decoding continues each row exactly."""
   lengths = np.array([3, 7])
-  bucket, k, gen = 8, 2, 4
+  bucket, k, gen, ring, head = 8, 2, 6, 13, 2   # the longest row fills the ring exactly
   prompts = np.asarray(_tokens((2, bucket), seed=3))
   cont = np.asarray(_tokens((2 * k, gen), seed=4))
-  cache = model.init_cache(CFG, 2, bucket + gen)
-  padded = prompts.copy()
+  left = np.zeros_like(prompts)
   for b, n in enumerate(lengths):
-    padded[b, n:] = 0
-  _, cache = model.decode(CFG, params, jnp.asarray(padded), cache, jnp.zeros(2, jnp.int32))
-  cache = jax.tree.map(lambda c: jnp.repeat(c, k, axis=0), cache)  # per layer [B*K, K, S, Dh]
-  index = jnp.asarray(np.repeat(lengths, k))
+    left[b, bucket - n:] = prompts[b, :n]
+  dp = model.decode_params(CFG, params)
+  _, prompt_cache = model.prefill(CFG, dp, jnp.asarray(left), jnp.asarray(lengths))
+  rows = jnp.arange(2 * k)
+  cache = kv_cache.insert(model.init_cache(CFG, 2 * k, ring), prompt_cache, rows, rows // k,
+                          jnp.int32(head))
+  context = jnp.asarray(np.repeat(lengths, k))
   outs = []
   for t in range(gen):
-    logits, cache = model.decode(CFG, params, jnp.asarray(cont[:, t:t + 1]), cache, index + t)
+    window = kv_cache.Window(jnp.int32((head + t) % ring), context + t)
+    logits, cache = model.decode(CFG, dp, jnp.asarray(cont[:, t:t + 1]), cache, window)
     outs.append(logits[:, 0])
   outs = np.stack(outs, 1)
   for row in range(2 * k):

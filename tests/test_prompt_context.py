@@ -12,6 +12,7 @@ from conftest import REPO
 from latent_em import formats, model, runtime, tokenizer
 from latent_em.data import chunking, mathcorpus, records, thought_tasks
 from latent_em.estep import core
+from latent_em.sampling import continuous
 from latent_em.evaluation import fewshot
 
 
@@ -60,32 +61,29 @@ def _starts(ids, prefix):
 
 def _engine_calls(tok, config, pairs, thought_ids):
   """The posterior prompts and (context, target) pairs core.Engine builds for `pairs`, with a
-  sampler that returns `thought_ids` + EoL for every sample and a scorer that records."""
+  continuous sampler that returns `thought_ids` + EoL for every sample and a scorer that
+  records."""
   cfg = runtime.section(config, "estep")
   mcfg = model.ModelConfig(vocab_size=-(-tok.vocab_size // 128) * 128, dim=32, n_layers=1,
                            n_heads=2, n_kv_heads=1, mlp_dim=64)
   engine = core.Engine(cfg, mcfg, model.init_params(mcfg, jax.random.key(0)), tok)
   seen = {"prompts": [], "pairs": []}
+  body = list(thought_ids) + [engine.eol]
 
-  class Sample:
-    def __init__(self, rows, k):
-      body = list(thought_ids) + [engine.eol]
-      self.tokens = np.array([body] * rows * k, np.int32)
-      self.lengths = np.full(rows * k, len(body), np.int32)
-      self.finished = np.ones(rows * k, bool)
-      self.logprobs = np.zeros((rows * k, len(body)), np.float32)
-
-  def sampler(params, prompts, lens, rng, num_samples):
-    del params, rng
-    prompts, lens = np.asarray(prompts), np.asarray(lens)
-    seen["prompts"] += [prompts[r, :lens[r]].tolist() for r in range(len(pairs))]
-    return Sample(prompts.shape[0], num_samples)
+  class Sampler:
+    """Records each request's prompt; every sample is `thought_ids` + EoL."""
+    def run(self, params, requests):
+      del params
+      for req in requests:
+        seen["prompts"].append(list(req.prompt))
+        yield req, [continuous.Sample(body, np.zeros(len(body), np.float32), True)
+                    for _ in range(cfg.num_samples)]
 
   def score(fn, params, joint, *args, **kwargs):
     seen["pairs"] += joint
     return np.zeros(len(joint))
 
-  engine.sampler = sampler
+  engine.sampler = Sampler()
   original, core.scoring.score = core.scoring.score, score
   try:
     engine.process(pairs, jax.random.key(0), np.random.default_rng(0))

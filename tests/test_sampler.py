@@ -1,5 +1,4 @@
 """Sampler, scorer and importance-weight tests against exact references."""
-import functools
 import itertools
 
 import jax
@@ -35,8 +34,7 @@ def _prompts():
 ])
 def test_sampler_logprobs_equal_scorer(params, cfg):
   """log q returned while sampling == teacher-forced scorer under the same processing."""
-  smp = S.Sampler(functools.partial(model.decode, CFG), functools.partial(model.init_cache, CFG),
-                  cfg, stop_ids=(4, 9))
+  smp = S.Sampler(S.DecodeModel.for_model(CFG), cfg, stop_ids=(4, 9))
   prompts, lens = _prompts()
   k = 4
   out = jax.device_get(smp(params, prompts, lens, jax.random.key(1), num_samples=k))
@@ -62,11 +60,13 @@ def test_sampler_logprobs_equal_scorer(params, cfg):
       seq = np.concatenate([seq, [[nxt]]], 1)
 
 
-def _markov_decode(table):
+def markov_model(table):
   """A 'model' whose next-token logits depend only on the last token: exact probabilities."""
-  def decode(params, tokens, cache, index):
-    return table[tokens], cache
-  return decode
+  return S.DecodeModel(
+      prefill=lambda params, tokens, lengths: (table[tokens[:, -1]], jnp.zeros(tokens.shape[0])),
+      decode=lambda params, tokens, cache, window: (table[tokens], cache),
+      init_cache=lambda n, s: jnp.zeros((n,)),
+      insert=lambda cache, prompt_cache, rows, src, head: cache)
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7)])
@@ -74,7 +74,7 @@ def test_sample_frequencies_match_model(temperature, top_p):
   v = 5
   table = jnp.asarray(np.random.default_rng(0).normal(size=(v, v)) * 1.5, jnp.float32)
   cfg = S.SamplingConfig(temperature=temperature, top_p=top_p, max_gen_len=2)
-  smp = S.Sampler(_markov_decode(table), lambda n, s: jnp.zeros((n,)), cfg, cache_batch_axis=0)
+  smp = S.Sampler(markov_model(table), cfg)
   n = 20000
   prompts = jnp.full((1, 1), 2, jnp.int32)
   out = jax.device_get(smp(None, prompts, jnp.ones((1,), jnp.int32), jax.random.key(7),
@@ -115,8 +115,7 @@ def test_top_p_keeps_smallest_set_reaching_mass():
 
 def test_banned_ids_never_sampled(params):
   cfg = S.SamplingConfig(max_gen_len=6, banned_ids=tuple(range(0, 90)))
-  smp = S.Sampler(functools.partial(model.decode, CFG), functools.partial(model.init_cache, CFG),
-                  cfg)
+  smp = S.Sampler(S.DecodeModel.for_model(CFG), cfg)
   prompts, lens = _prompts()
   out = jax.device_get(smp(params, prompts, lens, jax.random.key(0), num_samples=2))
   assert np.all(out.tokens >= 90)

@@ -30,7 +30,7 @@ def _setup(grad_accum=1, steps=10):
   rules = sharding.MeshConfig().rules_list
   state = ts.create_sharded_state(CFG, tx, mesh, rules, jax.random.key(0))
   _, shd = ts.state_shardings(CFG, tx, mesh, rules)
-  step = ts.jit_train_step(ts.make_train_step(CFG, tx, sched, grad_accum), mesh, shd)
+  step = ts.jit_train_step(ts.make_train_step(CFG, tx, sched, grad_accum, mesh, rules), mesh, shd)
   return state, step, mesh
 
 
@@ -99,7 +99,8 @@ def test_sharded_matches_single_device():
       tx, sched = optim.make_optimizer(OPT, 10)
       state = ts.create_sharded_state(CFG, tx, mesh, mcfg.rules_list, jax.random.key(0))
       _, shd = ts.state_shardings(CFG, tx, mesh, mcfg.rules_list)
-      step = ts.jit_train_step(ts.make_train_step(CFG, tx, sched, 2), mesh, shd)
+      step = ts.jit_train_step(ts.make_train_step(CFG, tx, sched, 2, mesh, mcfg.rules_list),
+                               mesh, shd)
       rng = np.random.default_rng(0)
       losses = []
       for _ in range(3):

@@ -36,9 +36,9 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from latent_em import formats, io_utils
+from latent_em import io_utils
 from latent_em.data import chunking, mathcorpus, sources
-from latent_em.sampling import scoring, weights
+from latent_em.sampling import weights
 
 
 def _load(config, workdir: str, model: str):
@@ -110,62 +110,35 @@ def estep(config, workdir: str, model: str, n: int = 200, split: str = "bootstra
       if not pair.context:
         chunks.append((sentences, pos, pos + m, pair.prefix, pair.suffix))
       pos += m
-  k, g = cfg.num_samples, cfg.sampling.max_gen_len
+  k = cfg.num_samples
   rng = jax.random.key(cfg.seed)
   stats = {"sample_right": [], "kept_right": [], "any_right": [], "identical": [],
            "distinct": [], "ess": [], "thought_len": [], "ended": []}
   examples = []
-  for b in range(0, len(chunks), cfg.batch_chunks):
-    batch = chunks[b:b + cfg.batch_chunks]
-    items = []
-    for _, _, _, prefix, suffix in batch:
-      p_ids, x_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
-      p_ids, x_ids, _, _ = core.fit_to_budget(p_ids, x_ids, cfg.max_seq_len - g - 5)
-      items.append((p_ids, x_ids, formats.posterior_prompt_ids(tokenizer.bos_id, p_ids, x_ids,
-                                                               tokenizer.latent_ids)))
-    rows = cfg.batch_chunks
-    width = -(-max(len(it[2]) for it in items) // cfg.prompt_bucket) * cfg.prompt_bucket
-    prompts = np.zeros((rows, width), np.int32)
-    lens = np.ones((rows,), np.int32)
-    for r in range(rows):
-      prompt = items[min(r, len(items) - 1)][2]
-      prompts[r, :len(prompt)] = prompt
-      lens[r] = len(prompt)
-    sample = jax.device_get(engine.sampler(engine.params, jax.numpy.asarray(prompts),
-                                           jax.numpy.asarray(lens),
-                                           jax.random.fold_in(rng, b), num_samples=k))
-    pairs, bodies, log_q, ended = [], [], [], []
-    for r, (p_ids, x_ids, _) in enumerate(items):
-      for s in range(k):
-        row = r * k + s
-        length = int(sample.lengths[row])
-        z = sample.tokens[row, :length].tolist()
-        body = z[:-1] if bool(sample.finished[row]) else z
-        bodies.append(body)
-        ended.append(bool(sample.finished[row]) and length > 0 and z[-1] == engine.eol)
-        log_q.append(float(sample.logprobs[row, :length].sum()))
-        pairs.append(formats.joint_ids(tokenizer.bos_id, p_ids, body, x_ids,
-                                       tokenizer.latent_ids))
-    log_joint = scoring.score(engine.logprob_fn, engine.params, pairs, cfg.max_seq_len,
-                              rows_per_batch=cfg.score_rows)
-    for r, (sentences, start, stop, _, suffix) in enumerate(batch):
-      sl = slice(r * k, (r + 1) * k)
-      lw = weights.log_weights(log_joint[sl], np.array(log_q[sl]))
-      thoughts = [tokenizer.decode(z) for z in bodies[sl]]
-      right = np.array([bool(mathcorpus.explains(sentences, start, stop, t)) for t in thoughts])
-      p = weights.normalized(lw)
-      stats["sample_right"].append(right.mean())
-      stats["kept_right"].append(float(p @ right))
-      stats["any_right"].append(right.any())
-      stats["identical"].append(len(set(thoughts)) == 1 and k > 1)
-      stats["distinct"].append(len(set(thoughts)))
-      stats["ess"].append(weights.effective_sample_size(lw))
-      stats["thought_len"].extend(len(z) for z in bodies[sl])
-      stats["ended"].extend(ended[sl])
-      if len(examples) < 3:
-        examples.append({"question": "".join(sentences[:start]), "answer": suffix,
-                         "thoughts": thoughts, "log_weights": lw.round(2).tolist(),
-                         "right": right.tolist()})
+  sampled = [engine.chunk(prefix, suffix, jax.random.fold_in(rng, i), tag=i)
+             for i, (_, _, _, prefix, suffix) in enumerate(chunks)]
+  for _ in engine.sample(sampled):
+    pass
+  results = engine.score(sampled, np.random.default_rng(cfg.seed))
+  for (sentences, start, stop, _, suffix), c, res in zip(chunks, sampled, results):
+    bodies = [s.tokens[:-1] if s.finished else s.tokens for s in c.samples]
+    lw = np.asarray(res.log_weights)
+    thoughts = [tokenizer.decode(z) for z in bodies]
+    right = np.array([bool(mathcorpus.explains(sentences, start, stop, t)) for t in thoughts])
+    p = weights.normalized(lw)
+    stats["sample_right"].append(right.mean())
+    stats["kept_right"].append(float(p @ right))
+    stats["any_right"].append(right.any())
+    stats["identical"].append(len(set(thoughts)) == 1 and k > 1)
+    stats["distinct"].append(len(set(thoughts)))
+    stats["ess"].append(res.ess)
+    stats["thought_len"].extend(len(z) for z in bodies)
+    stats["ended"].extend(s.finished and bool(s.tokens) and s.tokens[-1] == engine.eol
+                          for s in c.samples)
+    if len(examples) < 3:
+      examples.append({"question": "".join(sentences[:start]), "answer": suffix,
+                       "thoughts": thoughts, "log_weights": lw.round(2).tolist(),
+                       "right": right.tolist()})
   out = {name: float(np.mean(v)) if v else None for name, v in stats.items()}
   out = {"model": path, "chunks": len(chunks), "num_samples": k,
          "temperature": cfg.sampling.temperature, "sample_right": out["sample_right"],

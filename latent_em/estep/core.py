@@ -1,4 +1,4 @@
-"""The E-step for a batch of (prefix P, suffix X) chunks (DESIGN.md §4).
+"""The E-step for (prefix P, suffix X) chunks (DESIGN.md §4).
 
   1. posterior prompt  BOS P SoL EoL X SoL POST   -> K thoughts z_k ~ q(z | P, X), with log q
   2. joint score       log p(SoL PRIOR z_k EoL X | BOS P)
@@ -7,20 +7,23 @@
 
 Overflow: the joint sequence must fit `max_seq_len`; the prefix is cut first (its oldest
 tokens), then the end of the suffix, and the cut suffix tokens are counted.
+
+Sampling runs with continuous batching (`sampling/continuous.py`): `batch_chunks * K` decoding
+rows; a chunk's prompt is prefilled once for its K rows, and a finished row takes the next
+chunk's sample while the others keep decoding.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from latent_em import config_lib, formats, model as model_lib, sharding
+from latent_em import config_lib, formats, kv_cache, model as model_lib, sharding
 from latent_em.data import chunking
-from latent_em.sampling import sampler as sampler_lib, scoring, weights
+from latent_em.sampling import continuous, sampler as sampler_lib, scoring, weights
 
 _PROMPT_EXTRA = 5   # BOS + SoL EoL + SoL POST around P and X in the posterior prompt
 _JOINT_EXTRA = 3    # BOS + SoL PRIOR (EoL is counted in max_gen_len)
@@ -39,7 +42,9 @@ class EStepConfig:
   selection: str = "resample"           # resample | uniform | argmax
   elbo_ks: tuple[int, ...] = (1, 2, 4)
   max_seq_len: int = 512                # joint sequence budget (the model's training length)
-  batch_chunks: int = 8                 # chunks per sampler call (rows = batch_chunks * K)
+  batch_chunks: int = 8                 # decoding rows = batch_chunks * K (continuous batching)
+  prefill_chunks: int = 0               # chunks per prefill / refill (0: batch_chunks // 16, >= 1)
+  attention: str = "auto"               # decode attention: auto | dense (XLA) | ragged (TPU kernel)
   score_rows: int = 8                   # packed rows per scoring call
   prompt_bucket: int = 64               # prompts are padded to multiples of this
   seed: int = 0
@@ -60,6 +65,9 @@ class EStepConfig:
                      "must be 'skip' or 'fail'")
     config_lib.check(self.batch_chunks >= 1, "config.estep.batch_chunks", "must be >= 1")
     config_lib.check(self.prompt_bucket >= 1, "config.estep.prompt_bucket", "must be >= 1")
+    config_lib.check(self.prefill_chunks >= 0, "config.estep.prefill_chunks", "must be >= 0")
+    config_lib.check(self.attention in ("auto",) + kv_cache.IMPLS, "config.estep.attention",
+                     f"{self.attention!r}: use auto, " + " or ".join(kv_cache.IMPLS))
 
 
 @dataclasses.dataclass
@@ -92,8 +100,38 @@ def fit_to_budget(prefix_ids: list[int], suffix_ids: list[int], budget: int
   return prefix_ids, suffix_ids, prefix_cut, suffix_cut
 
 
+@dataclasses.dataclass
+class Chunk:
+  """One (prefix, suffix) chunk on its way through the engine."""
+  p_ids: list[int]              # prefix tokens after the overflow cut
+  x_ids: list[int]              # suffix tokens after the overflow cut
+  prefix_cut: int
+  suffix_cut: int
+  prompt: list[int]             # posterior prompt
+  key: jax.Array                # its K thoughts are drawn with fold_in(key, k)
+  tag: Any = None               # the caller's handle (e.g. shard and index)
+  samples: list[continuous.Sample] | None = None
+
+
+def resolve_attention(name: str) -> str:
+  """config.estep.attention "auto" -> the Pallas ragged kernel on TPU, dense XLA elsewhere."""
+  on_tpu = jax.default_backend() == "tpu"
+  if name == "auto":
+    return "ragged" if on_tpu else "dense"
+  config_lib.check(name != "ragged" or on_tpu, "config.estep.attention",
+                   f"'ragged' is a TPU kernel and this runs on {jax.default_backend()}; "
+                   "use auto or dense")
+  return name
+
+
 class Engine:
-  """Holds the jitted sampler and scorer for one model; processes batches of chunks."""
+  """Samples thoughts for chunks with continuous batching and scores them (one model).
+
+  Holds the params once, in the compute dtype and the per-layer layout of
+  `model.decode_params` (sampling and scoring both read them); decoding runs on
+  `batch_chunks * num_samples` rows of `ContinuousSampler`, whose stats (`self.sampler.stats`)
+  give the slot utilization.
+  """
 
   def __init__(self, cfg: EStepConfig, model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
                mesh: jax.sharding.Mesh | None = None, rules=None):
@@ -103,27 +141,25 @@ class Engine:
     self.mesh = mesh
     ids = tokenizer.latent_ids
     self.sol, self.eol = ids[formats.SOL], ids[formats.EOL]
-    self.prior, self.post = ids[formats.PRIOR], ids[formats.POST]
     # Padded embedding rows (vocab rounded up) and BOS/pad are never valid thought tokens.
     banned = set(range(tokenizer.vocab_size, model_cfg.vocab_size))
     banned |= {tokenizer.bos_id, tokenizer.pad_id}
     sampling = dataclasses.replace(cfg.sampling, banned_ids=tuple(sorted(
         banned | set(cfg.sampling.banned_ids))))
     self.sampling = sampling
-    cache_sharding = None
-    if mesh is not None:
-      rules = list(rules or sharding.DEFAULT_RULES)
-      cache_sharding = sharding.logical_to_sharding(
-          model_lib.cache_partition_specs(model_cfg), mesh, rules)
-      param_shardings = sharding.logical_to_sharding(model_lib.logical_axes(model_cfg), mesh,
-                                                     rules)
-      params = jax.device_put(params, param_shardings)
-    self.params = params
-    self.sampler = sampler_lib.Sampler(
-        functools.partial(model_lib.decode, model_cfg),
-        functools.partial(model_lib.init_cache, model_cfg), sampling,
-        stop_ids=(self.eol, tokenizer.eos_id), cache_sharding=cache_sharding)
-    self.logprob_fn = scoring.make_token_logprobs(model_cfg)
+    rules = list(rules or sharding.DEFAULT_RULES)
+    self.decode_model = sampler_lib.DecodeModel.for_model(
+        model_cfg, attention=resolve_attention(cfg.attention))
+    # Scoring reads the same per-layer, compute-dtype params as decoding: one copy on device.
+    self.params = sampler_lib.place_params(self.decode_model, params, mesh, rules)
+    del params
+    score_cfg = dataclasses.replace(model_cfg, scan_layers=False, remat="none")
+    self.sampler = continuous.ContinuousSampler(
+        self.decode_model, sampling, stop_ids=(self.eol, tokenizer.eos_id),
+        rows=cfg.batch_chunks * cfg.num_samples, ring=cfg.max_seq_len,
+        samples_per_prompt=cfg.num_samples, prefill_prompts=cfg.prefill_chunks,
+        prompt_bucket=cfg.prompt_bucket, mesh=mesh, rules=rules)
+    self.logprob_fn = scoring.make_token_logprobs(score_cfg)
 
   def _put(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     if self.mesh is None:
@@ -133,72 +169,59 @@ class Engine:
   def _row_multiple(self) -> int:
     return 1 if self.mesh is None else sharding.data_parallel_size(self.mesh)
 
-  def process(self, pairs: Sequence[tuple[str, str]], rng: jax.Array,
-              select_rng: np.random.Generator) -> list[ChunkResult]:
-    """E-step for a list of (prefix, suffix) texts, in batches of `batch_chunks`."""
-    out: list[ChunkResult] = []
-    b = self.cfg.batch_chunks
-    for i in range(0, len(pairs), b):
-      out.extend(self._process_batch(pairs[i:i + b], jax.random.fold_in(rng, i // b),
-                                     select_rng))
-    return out
+  def chunk(self, prefix: str, suffix: str, key: jax.Array, tag: Any = None) -> Chunk:
+    """Tokenizes a (prefix, suffix) pair and applies the overflow policy."""
+    budget = self.cfg.max_seq_len - self.sampling.max_gen_len - _PROMPT_EXTRA
+    p_ids, x_ids = self.tok.encode(prefix), self.tok.encode(suffix)
+    p_ids, x_ids, p_cut, x_cut = fit_to_budget(p_ids, x_ids, budget)
+    prompt = formats.posterior_prompt_ids(self.tok.bos_id, p_ids, x_ids, self.tok.latent_ids)
+    return Chunk(p_ids, x_ids, p_cut, x_cut, prompt, key, tag)
 
-  def _process_batch(self, pairs, rng, select_rng) -> list[ChunkResult]:
-    cfg, k, g = self.cfg, self.cfg.num_samples, self.sampling.max_gen_len
-    budget = cfg.max_seq_len - g - _PROMPT_EXTRA
-    items = []
-    for prefix, suffix in pairs:
-      p_ids, x_ids = self.tok.encode(prefix), self.tok.encode(suffix)
-      n_suffix = len(x_ids)
-      p_ids, x_ids, p_cut, x_cut = fit_to_budget(p_ids, x_ids, budget)
-      prompt = formats.posterior_prompt_ids(self.tok.bos_id, p_ids, x_ids, self.tok.latent_ids)
-      items.append((p_ids, x_ids, p_cut, x_cut, n_suffix, prompt))
-    # Pad the batch to a fixed size and prompts to a bucket multiple: one compile per bucket.
-    n_real = len(items)
-    n_rows = -(-cfg.batch_chunks // self._row_multiple()) * self._row_multiple()
-    longest = max(len(it[5]) for it in items)
-    bucket = min(-(-longest // cfg.prompt_bucket) * cfg.prompt_bucket, cfg.max_seq_len - g)
-    prompts = np.zeros((n_rows, bucket), np.int32)
-    lens = np.ones((n_rows,), np.int32)
-    for r, it in enumerate(items):
-      prompts[r, :len(it[5])] = it[5]
-      lens[r] = len(it[5])
-    # Filler rows copy the first prompt so they stop when it does (a lone BOS could keep the
-    # decode loop running to max_gen_len); their results are dropped.
-    prompts[n_real:] = prompts[0]
-    lens[n_real:] = lens[0]
-    dev = self._put({"prompts": prompts, "lens": lens})
-    sample = jax.device_get(self.sampler(self.params, dev["prompts"], dev["lens"], rng,
-                                         num_samples=k))
+  def sample(self, chunks: Iterable[Chunk]) -> Iterator[Chunk]:
+    """K thoughts for each chunk (continuous batching); yields chunks as they complete."""
+    requests = (continuous.Request(c, c.prompt, c.key) for c in chunks)
+    for req, samples in self.sampler.run(self.params, requests):
+      req.id.samples = samples
+      yield req.id
+
+  def score(self, chunks: Sequence[Chunk], select_rng: np.random.Generator
+            ) -> list[ChunkResult]:
+    """Joint scores, log-weights, the kept thought and ELBO_k for sampled chunks, in order."""
+    cfg, k = self.cfg, self.cfg.num_samples
     joint_pairs, meta = [], []
-    for r in range(n_real):
-      p_ids, x_ids = items[r][0], items[r][1]
-      for s in range(k):
-        row = r * k + s
-        n = int(sample.lengths[row])
-        z = sample.tokens[row, :n].tolist()
-        ended = bool(sample.finished[row]) and n > 0 and z[-1] == self.eol
-        body = z[:-1] if bool(sample.finished[row]) else z
-        joint_pairs.append(formats.joint_ids(self.tok.bos_id, p_ids, body, x_ids,
+    for c in chunks:
+      for sample in c.samples:
+        z = sample.tokens
+        ended = sample.finished and bool(z) and z[-1] == self.eol
+        body = z[:-1] if sample.finished else z
+        joint_pairs.append(formats.joint_ids(self.tok.bos_id, c.p_ids, body, c.x_ids,
                                              self.tok.latent_ids))
-        meta.append((body, ended, float(sample.logprobs[row, :n].sum())))
+        meta.append((body, ended, sample.log_q))
     log_joint = scoring.score(self.logprob_fn, self.params, joint_pairs, cfg.max_seq_len,
                               rows_per_batch=max(cfg.score_rows, self._row_multiple()),
                               put=self._put if self.mesh is not None else None)
     results = []
-    for r in range(n_real):
+    for r, c in enumerate(chunks):
       sl = slice(r * k, (r + 1) * k)
       lj = log_joint[sl]
       lq = np.array([m[2] for m in meta[sl]])
       lw = weights.log_weights(lj, lq)
       kept = weights.select(lw, cfg.selection, select_rng)
       body, ended, _ = meta[r * k + kept]
-      p_ids, x_ids, p_cut, x_cut, n_suffix, _ = items[r]
       results.append(ChunkResult(
           thought=self.tok.decode(body), thought_ids=body, log_weights=lw.tolist(),
           log_joint=lj.tolist(), log_q=lq.tolist(), kept=kept, ended=ended,
           thought_len=len(body), elbo=weights.elbo_k(lw, cfg.elbo_ks),
-          ess=weights.effective_sample_size(lw), suffix_tokens=len(x_ids), cut_tokens=x_cut,
-          prefix_cut_tokens=p_cut))
+          ess=weights.effective_sample_size(lw), suffix_tokens=len(c.x_ids),
+          cut_tokens=c.suffix_cut, prefix_cut_tokens=c.prefix_cut))
     return results
 
+  def process(self, pairs: Sequence[tuple[str, str]], rng: jax.Array,
+              select_rng: np.random.Generator) -> list[ChunkResult]:
+    """E-step for a list of (prefix, suffix) texts: chunk i's thoughts are drawn with
+    fold_in(fold_in(rng, i), k); results in input order."""
+    chunks = [self.chunk(p, x, jax.random.fold_in(rng, i), tag=i)
+              for i, (p, x) in enumerate(pairs)]
+    for _ in self.sample(chunks):
+      pass
+    return self.score(chunks, select_rng)

@@ -2,18 +2,22 @@
 
 Documents are numbered in file order and grouped into shards of `docs_per_shard`; process p of
 N takes shards s with s % N == p and runs on its own local devices (the model is replicated per
-host, so hosts never wait on each other). Each finished shard is committed atomically as
-WORKDIR/estep/records-SSSSS-of-NNNNN.tfrecord; a rerun skips finished shards, so a killed job
-loses at most the shard in flight. When every shard exists, WORKDIR/estep/summary.json
-aggregates them (read back from the records, so it is the same after any number of restarts).
+host, so hosts never wait on each other). A process streams its shards through one
+continuously batched decode (`core.Engine`), so rows never idle at a shard boundary; each
+finished shard is committed atomically as WORKDIR/estep/records-SSSSS-of-NNNNN.tfrecord. A
+rerun skips finished shards, so a killed job loses only the shards in flight, and rewrites
+them identically. When every shard exists, WORKDIR/estep/summary.json aggregates them (read
+back from the records, so it is the same after any number of restarts) with the decoding's
+`slot_utilization` (useful / computed row-steps, summed over the runs that decoded).
 """
 from __future__ import annotations
 
-import dataclasses
+import glob
 import itertools
+import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -62,35 +66,97 @@ def tokenizer_for(config, init_from: str, key: str):
   return tok_lib.load(path)
 
 
-def process_shard(engine: core.Engine, docs: list[tuple[str, str]], cfg: core.EStepConfig,
-                  shard: int, progress=None) -> list[records.DocRecord]:
-  rng = jax.random.fold_in(jax.random.key(cfg.seed), shard)
-  select_rng = np.random.default_rng([cfg.seed, shard])
-  pairs, owners = [], []
-  out = [records.DocRecord(doc_id=doc_id, text=text, meta={"estep_shard": shard})
-         for doc_id, text in docs]
-  for d, (_, text) in enumerate(docs):
-    for pair in chunking.chunk_pairs(text, cfg.chunking):
+def process_shards(engine: core.Engine, shards: Iterable[tuple[int, list[tuple[str, str]]]],
+                   cfg: core.EStepConfig, progress=None
+                   ) -> Iterator[tuple[int, list[records.DocRecord]]]:
+  """E-step for shards of documents through one continuous batch: yields (shard, records) as
+  each shard's chunks all finish (roughly in shard order; decoding rows never wait for a shard
+  boundary).
+
+  Chunk i of shard s draws its thoughts with fold_in(fold_in(key(seed), s), i) and the kept
+  ones are selected with default_rng([seed, s]) in chunk order, so a shard's records do not
+  depend on which other shards ran beside it (a resumed job rewrites a lost shard identically).
+  """
+  open_shards: dict[int, dict[str, Any]] = {}
+  ready: list[int] = []
+
+  def chunks() -> Iterator[core.Chunk]:
+    for shard, docs in shards:
+      base = jax.random.fold_in(jax.random.key(cfg.seed), shard)
+      # pairs: every chunk in document order (doc, pair); chunks: the sampled ones, in order.
+      entry = {"docs": docs, "pairs": [], "chunks": [], "left": 0}
+      for d, (_, text) in enumerate(docs):
+        for pair in chunking.chunk_pairs(text, cfg.chunking):
+          entry["pairs"].append((d, pair))
+      sampled = [pair for _, pair in entry["pairs"] if not pair.context]
+      entry["left"] = len(sampled)
+      open_shards[shard] = entry
+      if not entry["left"]:
+        ready.append(shard)
+      for i, pair in enumerate(sampled):
+        chunk = engine.chunk(pair.prefix, pair.suffix, jax.random.fold_in(base, i), tag=shard)
+        entry["chunks"].append(chunk)
+        yield chunk
+
+  def finish(shard: int) -> tuple[int, list[records.DocRecord]]:
+    entry = open_shards.pop(shard)
+    results = engine.score(entry["chunks"], np.random.default_rng([cfg.seed, shard]))
+    out = [records.DocRecord(doc_id=doc_id, text=text, meta={"estep_shard": shard})
+           for doc_id, text in entry["docs"]]
+    results = iter(results)
+    for d, pair in entry["pairs"]:
       if pair.context:  # chunking.context_until: no thought; trained as raw text
         out[d].chunks.append(records.ChunkRecord(prefix=pair.prefix, suffix=pair.suffix,
                                                  source="context"))
         continue
-      pairs.append((pair.prefix, pair.suffix))
-      owners.append(d)
-  results: list[core.ChunkResult] = []
-  b = cfg.batch_chunks
-  for i in range(0, len(pairs), b):
-    batch = engine.process(pairs[i:i + b], jax.random.fold_in(rng, i // b), select_rng)
-    results.extend(batch)
+      r = next(results)
+      out[d].chunks.append(records.ChunkRecord(
+          prefix=pair.prefix, suffix=pair.suffix, thought=r.thought, log_weights=r.log_weights,
+          thought_len=r.thought_len, ended=r.ended, elbo={str(k): v for k, v in r.elbo.items()},
+          suffix_tokens=r.suffix_tokens, cut_tokens=r.cut_tokens, source="estep"))
+    return shard, out
+
+  for chunk in engine.sample(chunks()):
+    entry = open_shards[chunk.tag]
+    entry["left"] -= 1
     if progress is not None:
-      progress.update(len(batch))
-      progress.generated += sum(len(r.thought_ids) for r in batch) * cfg.num_samples
-  for (prefix, suffix), d, r in zip(pairs, owners, results):
-    out[d].chunks.append(records.ChunkRecord(
-        prefix=prefix, suffix=suffix, thought=r.thought, log_weights=r.log_weights,
-        thought_len=r.thought_len, ended=r.ended, elbo={str(k): v for k, v in r.elbo.items()},
-        suffix_tokens=r.suffix_tokens, cut_tokens=r.cut_tokens, source="estep"))
-  return out
+      progress.generated += sum(len(s.tokens) for s in chunk.samples)
+      progress.update(1)
+    if not entry["left"]:
+      ready.append(chunk.tag)
+    while ready:
+      yield finish(ready.pop(0))
+  while ready:
+    yield finish(ready.pop(0))
+
+
+def decode_stats_path(out_dir: str, process: int) -> str:
+  return os.path.join(out_dir, f"decode_stats-{process:05d}.json")
+
+
+def add_decode_stats(path: str, stats: dict[str, Any]) -> None:
+  """Adds this run's decoding counts to the process' running totals (over all runs)."""
+  total = json.load(open(path)) if os.path.exists(path) else {}
+  for key in ("useful", "computed", "drain_useful", "drain_computed", "decode_steps",
+              "decode_calls", "refill_calls", "samples"):
+    total[key] = total.get(key, 0) + int(stats[key])
+  io_utils.write_json(path, total)
+
+
+def slot_utilization(out_dir: str) -> dict[str, Any]:
+  """Useful / computed decoding row-steps over every run and process of this E-step; "steady"
+  leaves out each run's tail (rows left idle once no chunk was waiting)."""
+  keys = ("useful", "computed", "drain_useful", "drain_computed")
+  total = dict.fromkeys(keys, 0)
+  for path in glob.glob(os.path.join(out_dir, "decode_stats-*.json")):
+    stats = json.load(open(path))
+    for key in keys:
+      total[key] += stats.get(key, 0)
+  steady = total["computed"] - total["drain_computed"]
+  return {"slot_utilization": total["useful"] / total["computed"] if total["computed"] else None,
+          "steady_slot_utilization": ((total["useful"] - total["drain_useful"]) / steady
+                                      if steady else None),
+          "decode_row_steps": total}
 
 
 def summarize(paths: list[str], ks) -> dict[str, Any]:
@@ -158,7 +224,6 @@ def run(config, workdir: str) -> dict[str, Any]:
     raise FileNotFoundError("config.estep.input_files is empty")
   tokenizer = tokenizer_for(config, cfg.init_from, "config.estep.init_from")
   model_cfg = runtime.model_config(config, tokenizer)
-  params = train.load_init_params(cfg.init_from, model_cfg, key="config.estep.init_from")
   out_dir = os.path.join(workdir, OUT_DIR)
   os.makedirs(out_dir, exist_ok=True)
 
@@ -173,25 +238,25 @@ def run(config, workdir: str) -> dict[str, Any]:
   if len(todo) < len(mine):
     logging.info("estep: %d of %d shards already done; resuming", len(mine) - len(todo), len(mine))
 
-  engine = None
+  started = time.perf_counter()
   if todo:
     mesh = sharding.make_mesh(mesh_cfg, jax.local_devices())
-    engine = core.Engine(cfg, model_cfg, params, tokenizer, mesh, mesh_cfg.rules_list)
-  started = time.perf_counter()
-  progress = None
-  for shard, docs in shard_docs(iter_documents(files, cfg, stats), cfg.docs_per_shard):
-    if shard not in todo:
-      continue
-    if progress is None:
-      total = sum(len(chunking.chunk_document(t, cfg.chunking))
-                  - chunking.context_chunks(t, cfg.chunking) for s, ds in
-                  shard_docs(iter_documents(files, cfg, sources.InputStats()),
-                             cfg.docs_per_shard) if s in todo for _, t in ds)
-      progress = _Progress(total, jax.process_index() == 0)
-    recs = process_shard(engine, docs, cfg, shard, progress)
-    records.write_shard(recs, paths[shard])
-  if progress is not None:
+    # The engine keeps its own compute-dtype copy; the loaded params are not kept alive.
+    engine = core.Engine(cfg, model_cfg, train.load_init_params(
+        cfg.init_from, model_cfg, key="config.estep.init_from"), tokenizer, mesh,
+        mesh_cfg.rules_list)
+    total = sum(len(chunking.chunk_document(t, cfg.chunking))
+                - chunking.context_chunks(t, cfg.chunking) for s, ds in
+                shard_docs(iter_documents(files, cfg, sources.InputStats()), cfg.docs_per_shard)
+                if s in todo for _, t in ds)
+    progress = _Progress(total, jax.process_index() == 0)
+    shards = ((s, docs) for s, docs in shard_docs(iter_documents(files, cfg, stats),
+                                                   cfg.docs_per_shard) if s in todo)
+    for shard, recs in process_shards(engine, shards, cfg, progress):
+      records.write_shard(recs, paths[shard])
     progress.close()
+    add_decode_stats(decode_stats_path(out_dir, jax.process_index()), engine.sampler.stats.as_dict())
+    logging.info("estep decoding: %s", engine.sampler.stats.as_dict())
   wall = time.perf_counter() - started
   runtime.sync("estep_done")
   missing = [p for p in paths if not os.path.exists(p)]
@@ -200,6 +265,7 @@ def run(config, workdir: str) -> dict[str, Any]:
              "selection": cfg.selection}
   if not missing:
     summary.update(summarize(paths, cfg.elbo_ks))
+    summary.update(slot_utilization(out_dir))
     summary["records"] = os.path.join(out_dir, RECORD_PREFIX + "-*-of-*.tfrecord")
     if jax.process_index() == 0:
       io_utils.write_json(os.path.join(out_dir, "summary.json"), summary)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 import os
 import random
@@ -281,13 +280,6 @@ def banned_ids_for(tokenizer, model_cfg: model_lib.ModelConfig, latent: bool) ->
   return tuple(sorted(banned))
 
 
-def _cache_sharding(model_cfg, mesh, rules):
-  if mesh is None:
-    return None
-  return sharding.logical_to_sharding(
-      model_lib.cache_partition_specs(model_cfg), mesh, list(rules or sharding.DEFAULT_RULES))
-
-
 # Samplers by (model, settings, mesh): tasks and variants that share them share compiled code.
 _SAMPLERS: dict[tuple, sampler_lib.Sampler] = {}
 _MAX_SAMPLERS = 8
@@ -298,14 +290,12 @@ def _greedy_sampler(model_cfg, max_gen_len, banned_ids, stop_ids, mesh, rules
   cfg = sampler_lib.SamplingConfig(temperature=0.0, max_gen_len=max_gen_len,
                                    banned_ids=banned_ids)
   key = (repr(model_cfg), cfg, stop_ids, mesh, repr(rules) if mesh is not None else None,
-         model_lib.decode, model_lib.init_cache)
+         model_lib.decode, model_lib.prefill)
   if key not in _SAMPLERS:
     if len(_SAMPLERS) >= _MAX_SAMPLERS:
       _SAMPLERS.pop(next(iter(_SAMPLERS)))
-    _SAMPLERS[key] = sampler_lib.Sampler(
-        functools.partial(model_lib.decode, model_cfg),
-        functools.partial(model_lib.init_cache, model_cfg), cfg, stop_ids=stop_ids,
-        cache_sharding=_cache_sharding(model_cfg, mesh, rules))
+    _SAMPLERS[key] = sampler_lib.Sampler(sampler_lib.DecodeModel.for_model(model_cfg), cfg,
+                                         stop_ids=stop_ids, mesh=mesh, rules=rules)
   return _SAMPLERS[key]
 
 
@@ -328,6 +318,9 @@ def generate(model_cfg: model_lib.ModelConfig, params: Any, prompts: Sequence[Se
   buckets = sampler_lib.default_buckets(budget, smallest=min(_SMALLEST_BUCKET, budget))
   sampler = _greedy_sampler(model_cfg, max_gen_len, tuple(banned_ids), tuple(stop_ids), mesh,
                             rules)
+  # One compute-dtype, per-layer copy for every batch (the sampler would otherwise make it per
+  # call).
+  params = sampler_lib.place_params(sampler.model, params, mesh, rules)
   by_bucket: dict[int, list[int]] = collections.defaultdict(list)
   for i, p in enumerate(prompts):
     if not 0 < len(p) <= budget:

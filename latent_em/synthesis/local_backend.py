@@ -6,7 +6,6 @@ followed by a blank line), which suits base language models; generation stops at
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 from typing import Any, Callable, Sequence
 
@@ -43,8 +42,7 @@ class LocalBackend:
                           | {tokenizer.bos_id, tokenizer.pad_id}))
     cfg = sampler_lib.SamplingConfig(temperature=temperature, max_gen_len=max_tokens,
                                      banned_ids=banned)
-    self.sampler = sampler_lib.Sampler(functools.partial(model_lib.decode, model_cfg),
-                                       functools.partial(model_lib.init_cache, model_cfg), cfg,
+    self.sampler = sampler_lib.Sampler(sampler_lib.DecodeModel.for_model(model_cfg), cfg,
                                        stop_ids=(tokenizer.eos_id,))
 
   def identity(self) -> dict[str, Any]:
