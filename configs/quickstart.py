@@ -44,8 +44,8 @@ def get_config(arg=None):
   c.exercises = True
   c.min_steps = 2                      # every raw exercise needs 2 or 3 operations
   c.max_steps = 3
-  c.n_warmstart = 150                  # worked by the teacher
-  c.n_bootstrap = 1200                 # worked only by the E-step
+  c.n_warmstart = 300                  # worked by the teacher
+  c.n_bootstrap = 1200                 # 4x as many, worked only by the E-step
   c.n_validation = 200                 # NLL and ELBO documents
   c.n_dev = 500                        # questions for choices and probes
   c.n_eval = 1000                      # held-out questions for the reported table
@@ -115,6 +115,9 @@ def get_config(arg=None):
   config.em.base_files = ("builtin:mathcorpus/pretrain_cot",
                           "builtin:mathcorpus/pretrain_questions")
   config.em.base_epochs = 3.0
+  # One base for every seed=N (a pretrained model is not re-drawn per fine-tuning seed); a run
+  # with another seed links it with --config.em.reuse_from=<a finished run's workdir>.
+  config.em.base_seed = 0
   config.em.finetune_lr = 1e-3         # every run that starts from the base
   # Half of every such run's examples are the base's own documents: a few hundred exercises
   # then teach the composition without erasing the one-step problems it is made of.

@@ -291,7 +291,7 @@ def test_quickstart_variants_validate(variant):
   if not smoke:
     c = config.corpus
     assert c.pretrain_steps == 1 and c.min_steps >= 2 and c.n_pretrain > 0
-    assert c.n_bootstrap >= 6 * c.n_warmstart and c.n_dev > 0 and c.n_eval > 0
+    assert c.n_bootstrap >= 4 * c.n_warmstart and c.n_dev > 0 and c.n_eval > 0
     assert config.estep.sampling.temperature == 1.0
     assert set(config.em.baselines) == {"raw_token_matched", "raw_compute_matched",
                                         "teacher_all"}

@@ -64,6 +64,9 @@ class EMConfig:
     base_files / base_epochs: raw corpora to pretrain the base on, for base_epochs passes, as
       the job's first training run (`base`); every other run starts from it. Exclusive with
       `base`.
+    base_seed: the seed of that base's initialisation and data order (-1: config.seed). A
+      fixed value makes the base the same for every config.seed, as a published base model is
+      for every fine-tuning seed; a run with another seed then links it with `reuse_from`.
     warmstart_epochs / mstep_epochs: passes over each run's data (see the module docstring).
     finetune_lr: the peak learning rate of every run that starts from the base (warm start,
       M-steps, baselines); 0 = config.optim.lr. A pretrained base forgets what it knows at
@@ -91,6 +94,7 @@ class EMConfig:
   base: str = ""
   base_files: tuple[str, ...] = ()
   base_epochs: float = 0.0
+  base_seed: int = -1
   warmstart_epochs: float = 4.0
   mstep_epochs: float = 4.0
   finetune_lr: float = 0.0
@@ -194,13 +198,14 @@ class Experiment:
         t for doc in docs for _, t in doc)
     self.runs[name]["thought_explains"] = mathcorpus.thought_explains(docs)
 
-  def _sections(self, *names: str) -> dict[str, Any]:
+  def _sections(self, *names: str, config=None) -> dict[str, Any]:
     """The config sections a stage depends on (part of its spec: a change re-runs nothing
-    silently; see stages.Stages.run)."""
+    silently; see stages.Stages.run), of `config` (default: the job's)."""
+    config = self.config if config is None else config
     out = {}
     # The corpus and tokenizer settings decide what every stage's input files hold.
     for name in ("corpus", "tokenizer") + names:
-      value = self.config.get(name)
+      value = config.get(name)
       out[name] = value.to_dict() if hasattr(value, "to_dict") else value
     for skip in (("train", "steps"), ("train", "init_from"), ("train", "progress_bar"),
                  ("eval", "init_from"), ("eval", "progress_bar"), ("estep", "init_from"),
@@ -249,9 +254,11 @@ class Experiment:
                  record_files: tuple[str, ...] = (), fmt: str = "random",
                  epochs: float | None = None, steps: int | None = None,
                  thought_trained: bool = False, raw_tokens: int,
-                 init_from: str | None = None) -> dict[str, Any]:
+                 init_from: str | None = None, seed: int | None = None) -> dict[str, Any]:
     """Trains run `name` from `init_from` (default: the base) for `epochs` of its data or a
-    fixed `steps`."""
+    fixed `steps`; `seed` replaces config.seed and config.data.seed for this run."""
+    config = self.config if seed is None else derive(self.config, {"seed": seed,
+                                                                   "data.seed": seed})
     init_from = self.base if init_from is None else init_from
     lr = self.cfg.finetune_lr if init_from and self.cfg.finetune_lr else None
     replay = self.replay if init_from == self.base else 0.0
@@ -261,7 +268,8 @@ class Experiment:
     spec = {"raw_files": raw_files, "record_files": record_files, "format": fmt,
             "epochs": epochs, "steps": steps, "base": init_from, "budget": "packed_rows",
             "lr": lr, "replay": replay,
-            "config": self._sections("seed", "model", "optim", "data", "mstep_data", "train")}
+            "config": self._sections("seed", "model", "optim", "data", "mstep_data", "train",
+                                     config=config)}
 
     def fn(directory: str) -> dict[str, Any]:
       # No validation inside training: the eval stage measures NLL on the validation split.
@@ -271,13 +279,13 @@ class Experiment:
       if lr:
         data["optim.lr"] = lr
       # One pass over the run's own data (the replayed documents are not its data).
-      epoch = self._epoch(derive(self.config, data), directory)
+      epoch = self._epoch(derive(config, data), directory)
       rows, tokens = epoch["rows"], epoch["tokens"]
       n_steps = steps if steps is not None else self._steps(epochs, rows / (1 - replay))
       if replay:
         data.update({"data.train_files": self.files["base"],
                      "mstep_data.thought_rate": 1 - replay})
-      c = derive(self.config, {**data, "train.steps": n_steps})
+      c = derive(config, {**data, "train.steps": n_steps})
       summary = jobs.run(c, directory)
       if thought_trained:
         from latent_em.evaluation import job as eval_job  # pylint: disable=g-import-not-at-top
@@ -376,7 +384,8 @@ class Experiment:
           f"config.em.base_files: no documents in {list(self.files['base'])} (for "
           f"builtin:mathcorpus/pretrain or pretrain_cot set config.corpus.n_pretrain > 0)")
     self._train_run(report.BASE_RUN, raw_files=self.files["base"], epochs=self.cfg.base_epochs,
-                    raw_tokens=raw_tokens, init_from="")
+                    raw_tokens=raw_tokens, init_from="",
+                    seed=self.cfg.base_seed if self.cfg.base_seed >= 0 else None)
     self._eval_run(report.BASE_RUN)
 
   def paraphrases(self, kind: str) -> str:
