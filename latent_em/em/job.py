@@ -196,7 +196,7 @@ class Experiment:
             for r in records.read_records(list(record_globs))]
     self.runs[name]["thought_arithmetic"] = mathcorpus.thought_arithmetic(
         t for doc in docs for _, t in doc)
-    self.runs[name]["thought_explains"] = mathcorpus.thought_explains(docs)
+    self.runs[name]["thought_right"] = mathcorpus.thought_explains(docs)
 
   def _sections(self, *names: str, config=None) -> dict[str, Any]:
     """The config sections a stage depends on (part of its spec: a change re-runs nothing
@@ -256,9 +256,10 @@ class Experiment:
                  thought_trained: bool = False, raw_tokens: int,
                  init_from: str | None = None, seed: int | None = None) -> dict[str, Any]:
     """Trains run `name` from `init_from` (default: the base) for `epochs` of its data or a
-    fixed `steps`; `seed` replaces config.seed and config.data.seed for this run."""
-    config = self.config if seed is None else derive(self.config, {"seed": seed,
-                                                                   "data.seed": seed})
+    fixed `steps`; `seed` replaces config.seed, config.data.seed and config.mstep_data.seed
+    for this run."""
+    config = self.config if seed is None else derive(
+        self.config, {"seed": seed, "data.seed": seed, "mstep_data.seed": seed})
     init_from = self.base if init_from is None else init_from
     lr = self.cfg.finetune_lr if init_from and self.cfg.finetune_lr else None
     replay = self.replay if init_from == self.base else 0.0
