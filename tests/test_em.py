@@ -296,6 +296,7 @@ def test_quickstart_variants_validate(variant):
     assert set(config.em.baselines) == {"raw_token_matched", "raw_compute_matched",
                                         "teacher_all"}
   assert config.em.base_files and config.em.base_epochs > 0
+  assert config.em.base_seed == 0  # one base for every seed
   # Teacher and E-step cut documents the same way; the question is context.
   for key in ("unit", "min_units", "avg_units", "max_units", "break_after", "context_until"):
     assert config.synthesis.chunking[key] == config.estep.chunking[key]
@@ -412,7 +413,7 @@ def test_em_pretrains_the_base_every_run_starts_from(tmp_path):
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
   runs = res["runs"]
-  assert list(runs) == ["base", "raw_token_matched", "warmstart", "em_iter_1"]
+  assert report.ordered(runs) == ["base", "raw_token_matched", "warmstart", "em_iter_1"]
   base = runs["base"]
   assert not base["thought_trained"] and np.isfinite(base["nll_per_token"])
   assert base["epochs"] >= 1.0 and base["latent_accuracy"] is None
@@ -438,6 +439,18 @@ def test_em_pretrains_the_base_every_run_starts_from(tmp_path):
   # The training loops themselves loaded the base's parameters, once for each of those runs.
   assert proc.stderr.count(f"starting from the parameters of {base_dir}") == 3
   assert proc.stderr.count("starting from the parameters of") == 3
+  # config.em.base_seed: another seed has the same base (linked from this workdir) and its own
+  # warm start.
+  other = str(tmp_path / "seed1")
+  run_main(["--config=configs/quickstart.py:smoke,seed=1", f"--workdir={other}",
+            "--config.em.iterations=0", "--config.em.baselines=()", "--config.em.evaluate=False",
+            f"--config.em.reuse_from={workdir}"], timeout=1500)
+  assert os.readlink(os.path.join(other, "runs", "base", "train")) == base_dir
+  assert stage("base")["config"]["seed"] == 0
+  spec = json.load(open(os.path.join(other, "runs", "warmstart", "train", "STAGE_DONE.json")))
+  assert spec["spec"]["config"]["seed"] == 1 and spec["spec"]["base"] == os.path.join(
+      other, "runs", "base", "train")
+  assert not os.path.islink(os.path.join(other, "runs", "warmstart", "train"))
   # The base is in the table and in the comparison lines (every run against it).
   assert "| base |" in proc.stdout
   assert any(l.startswith("- warmstart ") and (" of base " in l or "behind base " in l)
