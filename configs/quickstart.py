@@ -3,16 +3,18 @@
   python -m latent_em.main --config=configs/quickstart.py --workdir=/tmp/bolt_quickstart
   python -m latent_em.main --config=configs/quickstart.py:ablate_k --workdir=/tmp/bolt_k1 \
       --config.em.reuse_from=/tmp/bolt_quickstart
+  python -m latent_em.main --config=configs/quickstart.py:seed=1 --workdir=/tmp/bolt_s1 \
+      --config.em.reuse_from=/tmp/bolt_quickstart
   python -m latent_em.main --config=configs/quickstart.py:smoke --workdir=/tmp/bolt_smoke
 
-The raw corpus is an answer key: word problems of 2 to 4 steps whose answers are given bare
+The raw corpus is an answer key: word problems of 2 or 3 steps whose answers are given bare
 ("Question: Mia has 7 apples. Mia buys 5 more apples. Mia gives 3 apples to her friend. How
 many apples does Mia have now?\nAnswer: The answer is 9."). Stages (latent_em/em/job.py):
   base         a 0.9M-parameter Llama pretrained on one-step problems written with their
                working (every step the exercises take) and on multi-step question text: it
                knows the primitives, not their composition
   teacher      the oracle writes the working of each warm-start answer as its thought
-  warmstart    a few worked multi-step answers, trained from the base
+  warmstart    300 worked multi-step answers, trained from the base
   baselines    raw_token_matched and raw_compute_matched (the same raw exercises, no
                thoughts), teacher_all (the oracle's thoughts on every exercise)
   EM           3 iterations: the E-step samples K thoughts per answer from the last model's
@@ -25,7 +27,8 @@ Variants (after the colon, comma-separated):
              --config.em.reuse_from=<the default run's workdir> it reuses every stage before
              the first E-step
   k=N        K = N samples per answer
-  seed=N     the seed of initialisation, data order and sampling (the corpus is fixed)
+  seed=N     the seed of the fine-tuning runs' data order and of sampling (the corpus and
+             the base, config.em.base_seed, are the same for every seed)
   smoke      a much smaller run for tests and notebooks (a minute or two; not a result)
 """
 from latent_em import config_defaults
