@@ -1,78 +1,67 @@
-"""BoLT end to end on the built-in math corpus, sized for a 2-core laptop CPU (about 6.5 minutes).
+"""BoLT end to end on the built-in math corpus, sized for a 2-core laptop CPU.
 
   python -m latent_em.main --config=configs/quickstart.py --workdir=/tmp/bolt_quickstart
-  python -m latent_em.main --config=configs/quickstart.py:ablate_k --workdir=/tmp/bolt_k1
+  python -m latent_em.main --config=configs/quickstart.py:ablate_k --workdir=/tmp/bolt_k1 \
+      --config.em.reuse_from=/tmp/bolt_quickstart
+  python -m latent_em.main --config=configs/quickstart.py:seed=1 --workdir=/tmp/bolt_s1 \
+      --config.em.reuse_from=/tmp/bolt_quickstart
   python -m latent_em.main --config=configs/quickstart.py:smoke --workdir=/tmp/bolt_smoke
 
-The corpus is an answer key: word problems whose answers are given bare, without the working
+The raw corpus is an answer key: word problems of 2 or 3 steps whose answers are given bare
 ("Question: Mia has 7 apples. Mia buys 5 more apples. Mia gives 3 apples to her friend. How
-many apples does Mia have now?\nAnswer: The answer is 9.", 1 to 3 equations of working per
-answer). Stages (see latent_em/em/job.py): a 1M-parameter Llama is pretrained on 3,000 other
-exercises written with their working (the base every run starts from, as the paper starts from
-a pretrained model that has read worked solutions); the oracle teacher writes the working of
-each warm-start answer as its thought, written after "Answer:"; the warm start trains on them;
-raw baselines train on the same raw exercises; two EM iterations infer thoughts for the
-bootstrap exercises with K = 4 samples per chunk and retrain from the base; every run is
-evaluated (held-out exercises answered directly and after thinking, zero-shot; validation NLL
-and ELBO_1,2,4).
+many apples does Mia have now?\nAnswer: The answer is 9."). Stages (latent_em/em/job.py):
+  base         a 0.9M-parameter Llama pretrained on one-step problems written with their
+               working (every step the exercises take) and on multi-step question text: it
+               knows the primitives, not their composition
+  teacher      the oracle writes the working of each warm-start answer as its thought
+  warmstart    300 worked multi-step answers, trained from the base
+  baselines    raw_token_matched and raw_compute_matched (the same raw exercises, no
+               thoughts), teacher_all (the oracle's thoughts on every exercise)
+  EM           3 iterations: the E-step samples K thoughts per answer from the last model's
+               posterior and keeps one by importance resampling; the M-step retrains the base
+               on the warm-start and E-step records
+  evaluation   held-out questions answered directly and after thinking, validation NLL, ELBO_k
 
 Variants (after the colon, comma-separated):
-  ablate_k   K = 1 in the E-step (one sample, no importance resampling): the K ablation
-  k=N        any K
-  seed=N     the seed of the initialisation, data order and sampling (the corpus is fixed)
-  smoke      a much smaller run for tests and notebooks (about a minute or two; not a result)
-  stories    the earlier corpus: stories that state derived quantities without their working
-             ("Now she has 47 marbles."), ~2 sentences per chunk, from random initialisation,
-             2-shot questions in another wording (README § Measured, "Stories")
-Story variants (each implies `stories`; README § Measured):
-  large_warmstart
-             4x the warm-start stories (1,200) for 8 epochs: a warm start that reads its
-             thoughts, whose E-step writes right working
-  data_constrained
-             a third of the raw stories (100 warm-start + 100 bootstrap), each seen 30 times
-             in the warm start and 20 times in every M-step and in raw_token_matched (about 3x
-             that in raw_compute_matched): the repeated-data regime, where raw training overfits
-             (measured when thought-augmented runs got about two thirds of their nominal passes)
-  tally      tally stories (per person a start, 3-4 changes of 2-4, then the total: every
-             derived number a 3-4 step sum) cut into one chunk per story, so one thought holds
-             the whole story's working and the E-step's prompt is the whole story
-  pretrained_base
-             every run starts from a base this job first pretrains on 1,500 other stories
-             written with their working (`builtin:mathcorpus/pretrain_cot`)
+  ablate_k   K = 1 in the E-step (one sample, no importance resampling); with
+             --config.em.reuse_from=<the default run's workdir> it reuses every stage before
+             the first E-step
+  k=N        K = N samples per answer
+  seed=N     the seed of the fine-tuning runs' data order and of sampling (the corpus and
+             the base, config.em.base_seed, are the same for every seed)
+  smoke      a much smaller run for tests and notebooks (a minute or two; not a result)
 """
 from latent_em import config_defaults
 from latent_em.data import mathcorpus
 
 
 def get_config(arg=None):
-  arg = config_defaults.parse_arg(arg, ablate_k=False, k=4, seed=0, smoke=False,
-                                  large_warmstart=False, data_constrained=False, tally=False,
-                                  pretrained_base=False, stories=False)
+  arg = config_defaults.parse_arg(arg, ablate_k=False, k=8, seed=0, smoke=False)
   config = config_defaults.base()
   config.job = "em"
   config.seed = arg.seed
-  k = 1 if arg.ablate_k else arg.k
-  stories = (arg.stories or arg.large_warmstart or arg.data_constrained or arg.tally
-             or arg.pretrained_base)
 
   # The same corpus for every seed: seeds differ in initialisation, data order and sampling.
-  config.corpus.seed = 0
-  config.corpus.n_warmstart = 300
-  config.corpus.n_bootstrap = 320
-  config.corpus.n_validation = 200
-  config.corpus.n_eval = 200
-  config.corpus.n_fewshot = 8
-  # Small numbers (given <= 10, every value <= 20): few enough arithmetic facts for a 1M-parameter
-  # model to learn from a few hundred thousand tokens.
-  config.corpus.max_steps = 2
-  config.corpus.max_operand = 10
-  config.corpus.max_value = 20
-  # Four names per gender and four objects: fewer entities to learn to copy (validation NLL of
-  # the warm start 1.46 vs 1.86 nats/token with all 56 names and 24 objects, same budget).
-  config.corpus.n_names = 4
-  config.corpus.n_objects = 4
-  # One wording per kind of sentence: less text that no thought explains (README § Measured).
-  config.corpus.plain = True
+  c = config.corpus
+  c.seed = 0
+  c.exercises = True
+  c.min_steps = 2                      # every raw exercise needs 2 or 3 operations
+  c.max_steps = 3
+  c.n_warmstart = 300                  # worked by the teacher
+  c.n_bootstrap = 1200                 # 4x as many, worked only by the E-step
+  c.n_validation = 200                 # NLL and ELBO documents
+  c.n_dev = 500                        # questions for choices and probes
+  c.n_eval = 1000                      # held-out questions for the reported table
+  c.n_fewshot = 0
+  c.n_pretrain = 3000                  # the base's one-step worked problems ...
+  c.pretrain_steps = 1
+  c.n_pretrain_questions = 1500        # ... and multi-step questions without answers
+  # Given numbers up to 10, every value up to 20: a small table of one-step facts.
+  c.max_operand = 10
+  c.max_value = 20
+  c.n_names = 4                        # names per gender
+  c.n_objects = 4
+  c.plain = True                       # one wording per kind of sentence
 
   config.model.vocab_size = 0          # sized from the tokenizer
   config.model.dim = 128
@@ -85,126 +74,84 @@ def get_config(arg=None):
   config.tokenizer.split_digits = False
 
   config.data.seq_len = 256
-  # Small batches: more updates per token for a tiny model (batch 2 vs 8 at the same tokens and
-  # time: raw_token_matched NLL 1.006 vs 1.280 nats/token).
   config.data.batch_size = 2
   config.data.seed = arg.seed
 
-  config.optim.lr = 3e-3
+  config.optim.lr = 3e-3               # the base, from random initialisation
   config.optim.warmup_steps = 20
   config.optim.weight_decay = 0.01
   config.optim.schedule = "cosine"
-  config.train.log_every = 20
+  config.train.log_every = 50
   config.train.eval_every = 0
   config.train.eval_batches = 4
   config.train.progress_bar = True
-  config.checkpoint.every_steps = 200   # ~40 s of training between saves
+  config.checkpoint.every_steps = 500
 
-  # Chunks of ~2 sentences: most chunks state one derived quantity, whose working is the thought.
-  chunks = dict(unit="sentence", min_units=1, avg_units=2, max_units=4)
-  for key, value in chunks.items():
-    config.synthesis.chunking[key] = value
-    config.estep.chunking[key] = value
+  # An exercise is two chunks: the question, which is context (no thought; trained as raw
+  # text, so the evaluation's and the E-step's question prompts are contexts training shows),
+  # and the answer, whose thought is its working, written after "Answer:".
+  for section in (config.synthesis, config.estep):
+    ch = section.chunking
+    ch.unit = "sentence"
+    ch.min_units = ch.avg_units = ch.max_units = 12
+    ch.break_after = mathcorpus.ANSWER_BREAK
+    ch.context_until = mathcorpus.ANSWER_BREAK
+    ch.prefix_chunks = 1
   config.synthesis.backend = "oracle"
-  config.synthesis.chunking.prefix_chunks = 1
-  config.estep.chunking.prefix_chunks = 2
-  config.estep.num_samples = k
+  config.mstep_data.empty_thoughts = False
+  config.mstep_data.prior_rate = 0.5
+
+  config.estep.num_samples = 1 if arg.ablate_k else arg.k
   config.estep.selection = "resample"
   config.estep.max_seq_len = 256
-  config.estep.sampling.max_gen_len = 40
-  # A sharper proposal than the model itself: the warm start's thoughts get 34% of their equations
-  # right at temperature 0.5 (K = 1, 3 seeds) and 14% at 1.0 (K = 4, one seed, 6-epoch warm start).
-  # log q is the tempered proposal's, so the importance weights and ELBO_k stay exact.
-  config.estep.sampling.temperature = 0.5
+  config.estep.sampling.max_gen_len = 80
+  config.estep.sampling.temperature = 1.0
   config.estep.batch_chunks = 32
   config.estep.score_rows = 32
   config.estep.prompt_bucket = 32
-  config.estep.docs_per_shard = 200
+  config.estep.docs_per_shard = 400
   config.estep.elbo_ks = (1, 2, 4)
   config.estep.seed = arg.seed
   config.mstep_data.seed = arg.seed
 
-  config.em.iterations = 2
-  # Real passes (em/job.py): about the passes thought-augmented runs got before budgets counted
-  # the rows packing leaves partly empty (10 and 3 nominal passes then).
-  config.em.warmstart_epochs = 7.0
-  config.em.mstep_epochs = 2.0
-  config.em.baselines = ("raw_token_matched", "raw_compute_matched")
-  config.em.eval_elbo_docs = 25
+  config.em.iterations = 3
+  config.em.base_files = ("builtin:mathcorpus/pretrain_cot",
+                          "builtin:mathcorpus/pretrain_questions")
+  config.em.base_epochs = 3.0
+  # One base for every seed=N (a pretrained model is not re-drawn per fine-tuning seed); a run
+  # with another seed links it with --config.em.reuse_from=<a finished run's workdir>.
+  config.em.base_seed = 0
+  config.em.finetune_lr = 1e-3         # every run that starts from the base
+  # Half of every such run's examples are the base's own documents: a few hundred exercises
+  # then teach the composition without erasing the one-step problems it is made of.
+  config.em.replay = 0.5
+  config.em.warmstart_epochs = 10.0
+  # M-steps: these passes over the warm-start and bootstrap exercises at the warm start's
+  # rows per exercise; raw_compute_matched and teacher_all train as many steps.
+  config.em.mstep_epochs = 3.0
+  config.em.baselines = ("raw_token_matched", "raw_compute_matched", "teacher_all")
+  config.em.eval_elbo_docs = 50
 
   config.eval.fewshot.tasks = ("mathcorpus",)
-  config.eval.fewshot.mathcorpus_shots = 2   # prompt + answer within the trained 256 positions
-  config.eval.fewshot.max_gen_len = 48
-  config.eval.fewshot.batch_size = 50
+  config.eval.fewshot.mathcorpus_shots = 0   # the exercise is itself the question format
+  config.eval.fewshot.mathcorpus_split = "eval"
+  config.eval.fewshot.max_gen_len = 88
+  config.eval.fewshot.batch_size = 100
   config.eval.fewshot.max_seq_len = 256
   config.eval.nll_batch_size = 16
   config.eval.seed = arg.seed
 
-  if arg.tally:
-    config.corpus.tally = True
-    config.corpus.max_steps = 4
-    config.corpus.max_change = 4
-    # One chunk per story (at most 12 sentences): the thought is the whole working, written
-    # before the story in prior form; the E-step needs no prefix and writes ~67 tokens.
-    for section in (config.synthesis, config.estep):
-      section.chunking.min_units = section.chunking.avg_units = section.chunking.max_units = 12
-    config.estep.chunking.prefix_chunks = 0
-    config.estep.sampling.max_gen_len = 80
-  if not stories:
-    config.corpus.exercises = True
-    config.corpus.max_steps = 3
-    # Exercises are about half a story's length: twice the documents, the same E-step chunks.
-    config.corpus.n_warmstart = 600
-    config.corpus.n_bootstrap = 640
-    # Two chunks per exercise, cut after "Answer:": the question, and the answer, whose
-    # thought (its working) comes where the latent evaluation prompt asks the model to think.
-    for section in (config.synthesis, config.estep):
-      section.chunking.min_units = section.chunking.avg_units = section.chunking.max_units = 12
-      section.chunking.break_after = mathcorpus.ANSWER_BREAK
-      section.chunking.prefix_chunks = 1
-    # The question chunk states only given numbers: it is trained with the empty thought
-    # (`SoL PRIOR EoL x`), so the model learns to think nothing there and the E-step, once it
-    # has, samples empty thoughts for it at next to no cost to the bound.
-    config.mstep_data.empty_thoughts = True
-    # Four chunks in five in the prior form (think, then write): the form the latent answer
-    # prompt asks for (seed 0: warm start 66.5% against 50.5% at 1/2; ELBO_4 -0.745 / -0.797).
-    config.mstep_data.prior_rate = 0.8
-    config.estep.sampling.max_gen_len = 48
-    config.eval.fewshot.max_gen_len = 64
-    # Every run starts from a base pretrained on 3,000 other exercises with their working
-    # written out (`pretrain_cot`): it answers 88% of the held-out questions (seed 0) by
-    # writing the working first. The question is what training on answers alone does to it.
-    config.corpus.n_pretrain = 3000
-    config.em.base_files = ("builtin:mathcorpus/pretrain_cot",)
-    config.em.base_epochs = 6.0
-    # Zero-shot: the exercise is itself the question format, and a 1M-parameter model trained
-    # on one document per context does not learn from exemplars (the base: 88% zero-shot,
-    # 8% 2-shot; README § Measured).
-    config.eval.fewshot.mathcorpus_shots = 0
-  if arg.large_warmstart:
-    config.corpus.n_warmstart = 1200
-    config.em.warmstart_epochs = 8.0
-  if arg.data_constrained:
-    config.corpus.n_warmstart = 100
-    config.corpus.n_bootstrap = 100
-    config.em.warmstart_epochs = 30.0
-    config.em.mstep_epochs = 20.0
-  if arg.pretrained_base:
-    config.corpus.n_pretrain = 1500
-    config.em.base_files = ("builtin:mathcorpus/pretrain_cot",)
-    config.em.base_epochs = 3.0
   if arg.smoke:
-    if not stories:
-      config.corpus.n_pretrain = 60
-      config.em.base_epochs = 1.0
-    config.corpus.n_warmstart = 40
-    config.corpus.n_bootstrap = 40
-    config.corpus.n_validation = 12
-    config.corpus.n_eval = 12
+    c.n_pretrain, c.n_pretrain_questions = 60, 20
+    c.n_warmstart, c.n_bootstrap = 40, 40
+    c.n_validation, c.n_dev, c.n_eval = 12, 12, 12
+    config.em.iterations = 2
+    config.em.base_epochs = 1.0
     config.data.batch_size = 8
     config.em.warmstart_epochs = 1.0
     config.em.mstep_epochs = 1.0
     config.em.eval_elbo_docs = 4
+    config.estep.num_samples = 1 if arg.ablate_k else min(arg.k, 4)
     config.eval.fewshot.max_gen_len = 24
     config.eval.fewshot.batch_size = 12
     config.estep.sampling.max_gen_len = 24

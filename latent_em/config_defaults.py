@@ -35,7 +35,12 @@ def base() -> ml_collections.ConfigDict:
 
 
 def parse_arg(arg: str | None, **defaults):
-  """`"variant=small,runlocal"` -> ConfigDict(variant="small", runlocal=True, ...defaults)."""
+  """`"variant=small,runlocal"` -> ConfigDict(variant="small", runlocal=True, ...defaults).
+
+  A name that is not one of `defaults` stops with a ConfigError listing the known variants
+  (a misspelt variant must not silently run the default experiment).
+  """
+  from latent_em import config_lib  # pylint: disable=g-import-not-at-top
   out = ml_collections.ConfigDict(defaults)
   if not arg:
     return out
@@ -43,6 +48,10 @@ def parse_arg(arg: str | None, **defaults):
     if not item:
       continue
     key, eq, value = item.partition("=")
+    if key not in defaults:
+      known = ", ".join(k if isinstance(v, bool) else f"{k}=..." for k, v in defaults.items())
+      raise config_lib.ConfigError(
+          f"unknown config variant {key!r} (in {arg!r}); the known variants are: {known}")
     if not eq:
       out[key] = True
       continue

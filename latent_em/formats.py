@@ -92,6 +92,22 @@ def joint_target(thought: str, suffix: str) -> str:
   return prior_chunk(thought, suffix)
 
 
+def posterior_prompt_ids(bos_id: int, prefix_ids: Sequence[int], suffix_ids: Sequence[int],
+                         latent_ids: dict[str, int]) -> list[int]:
+  """`posterior_prompt` on token ids: `BOS P SoL EoL X SoL POST` (`latent_ids`: token -> id,
+  as Tokenizer.latent_ids)."""
+  return ([bos_id, *prefix_ids, latent_ids[SOL], latent_ids[EOL], *suffix_ids,
+           latent_ids[SOL], latent_ids[POST]])
+
+
+def joint_ids(bos_id: int, prefix_ids: Sequence[int], thought_ids: Sequence[int],
+              suffix_ids: Sequence[int], latent_ids: dict[str, int]
+              ) -> tuple[list[int], list[int]]:
+  """`joint_target` on token ids: (context `BOS P`, target `SoL PRIOR z EoL X`)."""
+  return ([bos_id, *prefix_ids],
+          [latent_ids[SOL], latent_ids[PRIOR], *thought_ids, latent_ids[EOL], *suffix_ids])
+
+
 def latent_answer_prompt(prompt: str) -> str:
   """Evaluation prompt for thought-trained models: the model thinks, emits EoL, then answers."""
   return f"{prompt}{SOL}{PRIOR}"

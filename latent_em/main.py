@@ -4,6 +4,7 @@ Fields are overridden on the command line (`--config.optim.lr=3e-4`); `config.jo
 """
 from __future__ import annotations
 
+import re
 import sys
 
 import logging as py_logging
@@ -54,5 +55,16 @@ def main(argv) -> None:
     sys.exit(f"error: {e}")
 
 
+def _parse_flags(argv):
+  """absl's flag parsing; a ConfigError raised while loading --config (an unknown variant, a bad
+  value) stops with its one-line message instead of the config loader's traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    found = re.findall(r"ConfigError: (.*)", str(e))
+    sys.exit(f"config error: {found[-1]}" if found else f"FATAL Flags parsing error: {e}\n"
+             "Pass --helpshort or --helpfull to see help on flags.")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -296,6 +296,8 @@ def test_pairs_examples():
     ({"max_unit": 5}, "config.chunking.max_unit"),
     ({"break_after": "(Answer"}, "config.chunking.break_after"),
     ({"break_after": "x*"}, "config.chunking.break_after"),
+    ({"context_until": "(Answer"}, "config.chunking.context_until"),
+    ({"context_until": "x?"}, "config.chunking.context_until"),
 ])
 def test_bad_config_names_the_key(section, key):
   with pytest.raises(config_lib.ConfigError, match=re.escape(key)):
@@ -346,3 +348,48 @@ def test_break_after_puts_the_answer_of_a_question_in_its_own_chunk():
     plain = {"min_units": 1, "avg_units": 2, "max_units": 4, "seed": seed}
     assert (chunking.chunk_document(story, {**plain, "break_after": ""})
             == chunking.chunk_document(story, plain))
+
+
+# ---------------------------------------------------------------------------------------------
+# Context.
+
+
+@SETTINGS
+@hypothesis.given(texts, configs(), st.sampled_from([r"\n", r"[.!?]", r"e"]))
+def test_context_until_makes_the_opening_one_context_chunk(text, cfg, pattern):
+  cfg = dataclasses.replace(cfg, context_until=pattern)
+  chunks = chunking.chunk_document(text, cfg)
+  pairs = chunking.chunk_pairs(text, cfg)
+  assert [p.suffix for p in pairs] == chunks
+  if not text.strip():
+    assert chunks == [] and chunking.context_chunks(text, cfg) == 0
+    return
+  assert "".join(chunks) == text
+  m = re.search(pattern, text)
+  if m and text[:m.end()].strip() and text[m.end():].strip():
+    # The text through the first match is one chunk, the only context; the rest is chunked
+    # by the usual law, and its first chunk has the context as prefix.
+    assert chunks[0] == text[:m.end()] and chunking.context_chunks(text, cfg) == 1
+    assert [p.context for p in pairs] == [True] + [False] * (len(chunks) - 1)
+    assert all(len(chunking.split_units(c, cfg.unit)) <= cfg.max_units for c in chunks[1:])
+    if cfg.prefix_chunks:
+      assert pairs[1].prefix.endswith(chunks[0])
+  else:
+    assert not any(p.context for p in pairs) and chunking.context_chunks(text, cfg) == 0
+    assert chunks == chunking.chunk_document(text, dataclasses.replace(cfg, context_until=""))
+
+
+def test_context_until_makes_a_question_context_and_its_answer_the_chunk_to_explain():
+  text = ("Question: Mia has 7 apples. Mia buys 5 more apples. How many apples does Mia have "
+          "now?\nAnswer: The answer is 12.")
+  cfg = {"min_units": 12, "avg_units": 12, "max_units": 12, "context_until": r"\nAnswer:",
+         "prefix_chunks": 1}
+  pairs = chunking.chunk_pairs(text, cfg)
+  question = text[:-len(" The answer is 12.")]
+  assert [(p.context, p.prefix, p.suffix) for p in pairs] == [
+      (True, "", question), (False, question, " The answer is 12.")]
+  # Given as chunks, with the config, the same chunks are marked; a question without its
+  # answer is one chunk and no context.
+  assert [p.context for p in chunking.chunk_pairs([question, " The answer is 12."], cfg)] == [
+      True, False]
+  assert [p.context for p in chunking.chunk_pairs(question, cfg)] == [False]

@@ -1,4 +1,6 @@
 """Config validation: unknown keys, bad values and bad overrides name the key and the fix."""
+import os
+
 import ml_collections
 import pytest
 
@@ -68,6 +70,20 @@ def test_mesh_shape_resolution():
 def test_parse_arg_variants():
   arg = config_defaults.parse_arg("steps=5,runlocal", steps=100, runlocal=False, name="x")
   assert arg.steps == 5 and arg.runlocal is True and arg.name == "x"
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"unknown config variant 'smok'.*known variants are: ablate_k, "
+                           r"k=\.\.\., seed=\.\.\., smoke"):
+    config_defaults.parse_arg("seed=1,smok", ablate_k=False, k=8, seed=0, smoke=False)
+
+
+def test_cli_stops_on_an_unknown_variant(tmp_path):
+  """A misspelt variant stops before anything runs, with the known variants in one line."""
+  proc = run_main(["--config=configs/quickstart.py:smok", f"--workdir={tmp_path}/w"],
+                  check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  line = next(l for l in proc.stderr.splitlines() if "unknown config variant" in l)
+  assert line.startswith("config error: ") and "smoke" in line and "ablate_k" in line
+  assert not os.path.exists(f"{tmp_path}/w")
 
 
 def test_cli_reports_bad_value_and_unknown_override(tmp_path):

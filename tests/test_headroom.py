@@ -138,7 +138,7 @@ def test_cli_on_the_smoke_experiment(em_smoke, tmp_path):
     out = json.load(f)
   assert out["docs"] == 4
   assert sorted(out["runs"]) == sorted(["base", "warmstart", "raw_token_matched", "em_iter_1",
-                                        "raw_compute_matched", "em_iter_2"])
+                                        "raw_compute_matched", "teacher_all", "em_iter_2"])
   bad = subprocess.run(cmd + [f"--workdir={tmp_path}"], capture_output=True, text=True, env=env,
                        cwd=REPO, timeout=600)
   assert bad.returncode != 0 and "validation.jsonl not found" in bad.stderr

@@ -68,7 +68,7 @@ def test_config_rejects_bad_values_with_the_key():
 def test_splits_are_deterministic_and_seeded(splits):
   assert mc.make_splits(SMALL) == splits
   other = mc.make_splits(mc.CorpusConfig(**{**SMALL.__dict__, "seed": 1}))
-  for name in splits:
+  for name in (n for n in splits if splits[n]):
     assert [r.get("text", r.get("question")) for r in other[name]] != \
            [r.get("text", r.get("question")) for r in splits[name]], name
   # Each split has its own stream: resizing one leaves the others as they were.
@@ -81,7 +81,7 @@ def test_splits_are_deterministic_and_seeded(splits):
 def test_splits_sizes_fields_and_disjointness(splits):
   assert {k: len(v) for k, v in splits.items()} == {
       "warmstart": 60, "bootstrap": 120, "validation": 40, "fresh": 20, "pretrain": 30,
-      "pretrain_cot": 30, "fewshot": 8, "eval": 60}
+      "pretrain_cot": 30, "pretrain_questions": 0, "fewshot": 8, "dev": 0, "eval": 60}
   texts = [r["text"] for name in mc.TEXT_SPLITS for r in splits[name]]
   questions = [r["question"] for name in mc.QA_SPLITS for r in splits[name]]
   assert len(set(texts)) == len(texts)
@@ -469,19 +469,24 @@ def test_tally_stories_derive_only_multi_step_totals(max_steps, max_change):
 # ------------------------------------------------------------------------------- exercises
 
 EXERCISES = mc.CorpusConfig(exercises=True, plain=True, max_operand=10, max_value=20,
-                            max_steps=3, n_names=4, n_objects=4, n_warmstart=80,
-                            n_bootstrap=80, n_validation=20, n_eval=60, n_fewshot=8,
-                            n_pretrain=10)
+                            min_steps=2, max_steps=4, n_names=4, n_objects=4, n_warmstart=80,
+                            n_bootstrap=80, n_validation=20, n_eval=60, n_dev=40, n_fewshot=8,
+                            n_pretrain=40, pretrain_steps=1, n_pretrain_questions=40)
 _FACTORS = {"twice": 2, "three times": 3, "four times": 4}
+_TAKE = re.compile(r"\b(gives \d+|gives away|loses|sells|uses|spends|pays)\b")
+_DAY = re.compile(r"On (%s), " % "|".join(mc.DAYS))
 
 
 def _solve_exercise(question):
   """Solves a plain exercise from its words alone (independent of the generator's facts)."""
   body = question[len("Question: "):question.index("\nAnswer:")]
-  value, split = {}, None
+  value, split, after = {}, None, {}
   for s in re.findall(r"[^.?]+[.?]", body):
-    s = s.strip()
+    day = _DAY.match(s.strip())
+    s = _DAY.sub("", s.strip())
     who, nums = s.split()[0], _numbers(s)
+    if m := re.fullmatch(r"How many \w+ does (\w+) have after (\w+)\?", s):
+      return after[m[2]]
     if m := re.fullmatch(r"(\w+) has (\d+) \w+\.", s):
       value[who] = int(m[2])
     elif m := re.fullmatch(r"\w+ has \d+ (more|fewer) \w+ than (\w+)\.", s):
@@ -499,16 +504,19 @@ def _solve_exercise(question):
       return value[m[1]]
     elif "puts all of" in s:
       split = (who, nums[0])
-    else:  # a change: "gives" takes away, anything else adds; "3 bags with 4 in each" is 12
-      delta = nums[0] * nums[1] if len(nums) == 2 else nums[0]
-      value[who] += -delta if " gives " in s else delta
+    elif m := re.fullmatch(r"(?:[Hh]is|[Hh]er) \w+ gives (\w+) (\d+) \w+\.", s):
+      value[m[1]] += int(m[2])
+    else:  # a change of the subject's number: these verbs take away, the others add
+      value[who] += -nums[0] if _TAKE.search(s) else nums[0]
+    if day:
+      after[day[1]] = value[who]
   raise AssertionError(f"no question in {question!r}")
 
 
 def test_exercises_are_answer_keys_the_oracle_works_out():
   rng = random.Random(7)
   docs = [mc.generate_document(rng, EXERCISES) for _ in range(300)]
-  asks = collections.Counter()
+  asks, steps = collections.Counter(), collections.Counter()
   for doc in docs:
     question, cue, answer = doc.text.rpartition("\nAnswer:")
     assert doc.text.startswith("Question: ") and cue and re.fullmatch(r" The answer is \d+\.",
@@ -518,39 +526,111 @@ def test_exercises_are_answer_keys_the_oracle_works_out():
     value = int(_numbers(answer)[0])
     # The answer is computed, never copied: it is written nowhere in the question.
     assert value == _solve_exercise(question + cue) and value not in _numbers(question)
-    # Only the answer is derived; its working is 1 to max_steps right equations ending in it.
+    # Only the answer is derived; its working is min_steps to max_steps right equations.
     assert [t is None for t in doc.oracle_thoughts] == [True] * (len(doc.sentences) - 1) + [False]
-    eqs = EQUATION.findall(doc.oracle_thoughts[-1])
-    assert 1 <= len(eqs) <= EXERCISES.max_steps and int(eqs[-1][3]) == value
+    thought = doc.oracle_thoughts[-1]
+    eqs = EQUATION.findall(thought)
+    steps[len(eqs)] += 1
+    assert EXERCISES.min_steps <= len(eqs) <= EXERCISES.max_steps and int(eqs[-1][3]) == value
     assert all(OPS[op](int(a), int(b)) == int(c) for a, op, b, c in eqs)
+    # The working is one-step problems in a row: each restates the number it starts from,
+    # the sentence it reads, computes, and states the number it reaches; it starts with a
+    # space, as a worked answer after the cue does.
+    assert thought.startswith(" ") and not thought.startswith("  ")
+    sentences = [mc._bare(s) for s in doc.sentences]
+    words = [s.strip() for s in re.findall(r"[^.?]+[.?]", EQUATION.sub("", thought))]
+    reached = {int(c) for *_, c in eqs}
+    for w in words:
+      m = re.fullmatch(r"(\w+) has (\d+) \w+\.", w)
+      assert w in sentences or (m and int(m[2]) in reached), (w, doc.text)
+    for (a, _, _, c), nxt in zip(eqs, eqs[1:]):
+      assert f"{c}. " in thought
+    # Changes are dated by consecutive days.
+    days = _DAY.findall(question)
+    assert all(mc.DAYS.index(b) == (mc.DAYS.index(a) + 1) % 7 for a, b in zip(days, days[1:]))
     asks[re.sub(r"\b(%s)\b" % "|".join(mc.FEMALE + mc.MALE + mc.OBJECTS + ("dollars",)), "X",
                 re.sub(r"each \w+\?", "each C?", doc.sentences[-3].strip()))] += 1
-    # Cut after "Answer:", an exercise is two chunks; the oracle writes the working for the
-    # answer, given the question, and nothing for the question.
-    cfg = {"min_units": 12, "avg_units": 12, "max_units": 12, "break_after": mc.ANSWER_BREAK}
-    first, second = chunking.chunk_document(doc.text, cfg)
-    assert first == question + cue
-    assert mc.oracle_thought(first, second) == doc.oracle_thoughts[-1]
-    assert mc.oracle_thought("", first) is None
-  # Every kind of question is asked, most often how many one person has now.
+    # Chunked as the quickstart chunks: the question is context (no thought), the answer the
+    # one chunk the oracle works out.
+    cfg = {"min_units": 12, "avg_units": 12, "max_units": 12, "break_after": mc.ANSWER_BREAK,
+           "context_until": mc.ANSWER_BREAK}
+    pairs = chunking.chunk_pairs(doc.text, cfg, prefix_chunks=1)
+    assert [(p.context, p.suffix) for p in pairs] == [(True, question + cue), (False, answer)]
+    assert mc.oracle_thought(pairs[1].prefix, pairs[1].suffix) == thought
+    assert mc.oracle_thought("", pairs[0].suffix) is None
+  # Every kind of question is asked, most often how many one person has now; every number
+  # of steps occurs.
   assert set(asks) == {"How many X does X have now?", "How many X do X and X have together?",
                        "How many more X does X have than X?", "How many X are in each C?"}, asks
   assert asks.most_common(1)[0][0] == "How many X does X have now?"
+  assert set(steps) == {2, 3, 4}
 
 
 def test_exercise_splits_evaluate_held_out_questions():
   splits = mc.make_splits(EXERCISES)
-  questions = {r["text"][:r["text"].rindex("\nAnswer:") + len("\nAnswer:")]
-               for name in mc.TEXT_SPLITS + ("pretrain_cot",) for r in splits[name]}
-  for row in splits["eval"] + splits["fewshot"]:
-    assert row["question"].endswith("\nAnswer:") and row["question"] not in questions
+  assert {k: len(v) for k, v in splits.items()} == {
+      "warmstart": 80, "bootstrap": 80, "validation": 20, "fresh": 0, "pretrain": 40,
+      "pretrain_cot": 40, "pretrain_questions": 40, "fewshot": 8, "dev": 40, "eval": 60}
+  training = [r["text"] for name in mc.TEXT_SPLITS + ("pretrain_cot", "pretrain_questions")
+              for r in splits[name]]
+  bodies = [mc.question_of(t)[len("Question: "):-len("\nAnswer:")]
+            if "\nAnswer:" in t else t[len("Question: "):] for t in training]
+  held_out = splits["eval"] + splits["dev"] + splits["fewshot"]
+  assert len({r["question"] for r in held_out}) == len(held_out)
+  for row in held_out:
+    # No held-out question is in any training split, the base's included, as a question or
+    # inside a document.
+    body = row["question"][len("Question: "):-len("\nAnswer:")]
+    assert row["question"].endswith("\nAnswer:")
+    assert body not in bodies and not any(body in t for t in training)
     assert int(row["answer"]) == _solve_exercise(row["question"])
     eqs = EQUATION.findall(row["solution"])
     assert len(eqs) == row["steps"] and all(OPS[op](int(a), int(b)) == int(c)
                                             for a, op, b, c in eqs)
+    assert EXERCISES.min_steps <= row["steps"] <= EXERCISES.max_steps
     assert row["solution"].endswith(f"{eqs[-1][3]}. The answer is {row['answer']}.")
-  # The worked base corpus writes the working after the cue, before the answer.
-  cot = splits["pretrain_cot"][0]["text"]
-  assert re.search(r"\nAnswer: .*\d+ [-+*/] \d+ = \d+\. The answer is \d+\.$", cot), cot
+  # The base's corpus: one-step problems with their working written after the cue, and
+  # multi-step questions alone.
+  for plain, worked in zip(splits["pretrain"], splits["pretrain_cot"]):
+    eqs = EQUATION.findall(worked["text"])
+    assert len(eqs) == 1 and worked["text"].startswith(mc.question_of(plain["text"]))
+    assert re.search(r"\nAnswer: .*\d+ [-+*/] \d+ = (\d+)\.(?: \w+ has \1 \w+\.)? "
+                     r"The answer is \1\.$", worked["text"]), worked["text"]
+    assert int(eqs[0][3]) == _solve_exercise(mc.question_of(plain["text"]))
+  for row in splits["pretrain_questions"]:
+    assert row["text"].startswith("Question: ") and row["text"].endswith("?")
+    assert "Answer" not in row["text"] and len(_DAY.findall(row["text"])) >= 1 or "has" in row["text"]
+  # One-step problems start anywhere in the range: every value a multi-step exercise reaches.
+  starts = {int(_numbers(r["text"])[0]) for r in splits["pretrain"]}
+  assert max(starts) > EXERCISES.max_operand
   with pytest.raises(config_lib.ConfigError, match=r"config\.corpus\.exercises"):
     mc.CorpusConfig(exercises=True, tally=True)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.corpus\.min_steps"):
+    mc.CorpusConfig(exercises=True, min_steps=5, max_steps=4)
+  with pytest.raises(config_lib.ConfigError, match=r"config\.corpus\.pretrain_steps"):
+    mc.CorpusConfig(pretrain_steps=1)
+
+
+def test_thought_explains_counts_only_right_working_that_ends_at_the_answer():
+  """An exercise's answer is explained by the oracle's working (either operand order for + and
+  *, with or without restated sentences), not by working with a wrong step, a skipped step, an
+  equation that merely ends at the answer, or the right working of another exercise."""
+  rng = random.Random(3)
+  docs = [mc.generate_document(rng, EXERCISES, steps=3) for _ in range(40)]
+  for doc, other in zip(docs, docs[1:] + docs[:1]):
+    question, answer = doc.text[:doc.text.rindex(" The answer")], doc.text[
+        doc.text.rindex(" The answer"):]
+    thought = doc.oracle_thoughts[-1]
+    eqs = EQUATION.findall(thought)
+    short = " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in eqs)
+    swapped = " ".join(f"{b} {op} {a} = {c}." if op in "+*" else f"{a} {op} {b} = {c}."
+                       for a, op, b, c in eqs)
+    final = int(eqs[-1][3])
+    wrong_step = short.replace(f"= {eqs[0][3]}.", f"= {int(eqs[0][3]) + 1}.", 1)
+    skipped = " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in eqs[1:])
+    shortcut = f"{final - 1} + 1 = {final}."
+    cases = {thought: True, short: True, swapped: True, wrong_step: False, skipped: False,
+             shortcut: False, other.oracle_thoughts[-1]: False, None: False}
+    for t, want in cases.items():
+      got = mc.thought_explains([[(question, None), (answer, t)]])
+      assert got["chunks"] == 1 and got["explained"] == want, (doc.text, t)

@@ -41,6 +41,11 @@ class ChunkConfig:
       (which also ends a unit there), and lengths are drawn afresh after it. "" = none. For
       question-answer text, r"\nAnswer:" puts a thought between a question and its answer,
       where the latent evaluation prompt asks the model to think.
+    context_until: a regular expression; the text through the end of its first match is one
+      chunk, the document's context: it is the prefix of the chunks after it but is not itself
+      explained (`ChunkPair.context`: the E-step gives it no thought, so training keeps it as
+      raw text). For question-answer text, r"\nAnswer:" makes the question context and the
+      answer the one chunk that gets a thought. "" = none.
   """
   unit: str = "sentence"
   min_units: int = 1
@@ -49,6 +54,7 @@ class ChunkConfig:
   prefix_chunks: int = 3
   seed: int = 0
   break_after: str = ""
+  context_until: str = ""
 
   def __post_init__(self):
     key = "config.chunking"
@@ -61,13 +67,15 @@ class ChunkConfig:
                      f"{self.min_units} / {self.avg_units} / {self.max_units}")
     config_lib.check(self.prefix_chunks >= 0, f"{key}.prefix_chunks",
                      f"must be >= 0, got {self.prefix_chunks}")
-    try:
-      pattern = re.compile(self.break_after)
-    except re.error as e:
-      raise config_lib.ConfigError(f"{key}.break_after: {self.break_after!r} is not a regular "
-                                   f"expression ({e})") from None
-    config_lib.check(not self.break_after or not pattern.match(""), f"{key}.break_after",
-                     f"{self.break_after!r} matches the empty string; it must match text")
+    for name in ("break_after", "context_until"):
+      value = getattr(self, name)
+      try:
+        pattern = re.compile(value)
+      except re.error as e:
+        raise config_lib.ConfigError(f"{key}.{name}: {value!r} is not a regular "
+                                     f"expression ({e})") from None
+      config_lib.check(not value or not pattern.match(""), f"{key}.{name}",
+                       f"{value!r} matches the empty string; it must match text")
 
 
 def _as_config(cfg: Any) -> ChunkConfig:
@@ -274,7 +282,8 @@ def chunk_document(text: str, cfg: Any) -> list[str]:
   if not text.strip():
     return []
   rng = np.random.default_rng(stable_seed(text, cfg.seed))
-  chunks = []
+  context, text = _context(text, cfg.context_until)
+  chunks = [context] if context else []
   for segment in _segments(text, cfg.break_after):
     units = split_units(segment, cfg.unit)
     pos = 0
@@ -282,6 +291,21 @@ def chunk_document(text: str, cfg: Any) -> list[str]:
       chunks.append("".join(units[pos:pos + n]))
       pos += n
   return chunks
+
+
+def _context(text: str, context_until: str) -> tuple[str, str]:
+  """(the context: `text` through the end of the first match of `context_until`, the rest);
+  ("", text) when there is no match or no rest with text in it."""
+  m = re.search(context_until, text) if context_until else None
+  if m is None or not text[m.end():].strip() or not text[:m.end()].strip():
+    return "", text
+  return text[:m.end()], text[m.end():]
+
+
+def context_chunks(text: str, cfg: Any) -> int:
+  """How many of `chunk_document(text, cfg)`'s chunks are context (0 or 1)."""
+  cfg = _as_config(cfg)
+  return int(bool(_context(text, cfg.context_until)[0])) if text.strip() else 0
 
 
 def _segments(text: str, break_after: str) -> list[str]:
@@ -302,10 +326,14 @@ def _segments(text: str, break_after: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkPair:
-  """Chunk `index` of a document (the suffix) and the chunks before it (the prefix)."""
+  """Chunk `index` of a document (the suffix) and the chunks before it (the prefix).
+
+  `context`: the chunk is the document's context (ChunkConfig.context_until): the prefix of
+  what follows, given no thought of its own."""
   index: int
   prefix: str
   suffix: str
+  context: bool = False
 
 
 def chunk_pairs(
@@ -321,19 +349,27 @@ def chunk_pairs(
     prefix_chunks: overrides cfg.prefix_chunks (1 for teacher prompts, 3 for the E-step).
   Returns:
     pairs[i].suffix = chunk i; pairs[i].prefix = chunks [i - prefix_chunks, i) joined
-    ("" for the first chunk or when prefix_chunks == 0).
+    ("" for the first chunk or when prefix_chunks == 0); pairs[0].context when a document
+    given as text opens with a context chunk (given as chunks: when `cfg` has context_until
+    and the first chunk is exactly the document's context).
   """
+  n_context = 0
   if isinstance(text_or_chunks, str):
     if cfg is None:
       raise ValueError("chunk_pairs needs a chunking config to chunk raw text")
     chunks = chunk_document(text_or_chunks, cfg)
+    n_context = context_chunks(text_or_chunks, cfg)
   else:
     chunks = list(text_or_chunks)
+    if cfg is not None and chunks:
+      text = "".join(chunks)
+      n_context = int(context_chunks(text, cfg) == 1
+                      and _context(text, _as_config(cfg).context_until)[0] == chunks[0])
   if prefix_chunks is None:
     if cfg is None:
       raise ValueError("chunk_pairs needs prefix_chunks or a chunking config")
     prefix_chunks = _as_config(cfg).prefix_chunks
   if prefix_chunks < 0:
     raise ValueError(f"prefix_chunks must be >= 0, got {prefix_chunks}")
-  return [ChunkPair(i, "".join(chunks[max(0, i - prefix_chunks):i]), chunk)
+  return [ChunkPair(i, "".join(chunks[max(0, i - prefix_chunks):i]), chunk, i < n_context)
           for i, chunk in enumerate(chunks)]

@@ -27,6 +27,7 @@ then exercises too (`exercise_question`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import random
@@ -55,9 +56,21 @@ class CorpusConfig:
   # Distinct stories to pretrain a base model on (config.em.base_files): split `pretrain` holds
   # them as written, `pretrain_cot` with the oracle's working before each derived sentence.
   n_pretrain: int = 0
+  # Exercises only: equations in the working of each pretraining exercise (0: min_steps to
+  # max_steps, as the others). 1 gives worked one-step problems whose starting values span the
+  # whole range up to max_value: every primitive step a multi-step exercise takes, not the
+  # composition.
+  pretrain_steps: int = 0
+  # Exercises only: split `pretrain_questions`, multi-step questions without cue or answer
+  # (question text for the base to read).
+  n_pretrain_questions: int = 0
+  # Question split `dev`: held out from every training split like `eval`, for choices and
+  # probes, so that `eval` is read only for final results.
+  n_dev: int = 0
   n_names: int = 0          # names per gender to draw from (0 = all 28)
   n_objects: int = 0        # objects to draw from (0 = all 24)
   max_steps: int = 3        # equations in the working of one derived quantity
+  min_steps: int = 1        # exercises: the fewest equations in an answer's working
   max_operand: int = 50     # largest given (stated) number
   max_value: int = 99       # largest value anywhere (given, intermediate or derived)
   # Largest single change ("buys 3 more"; 0 = max_operand). Small changes make the one-step
@@ -82,7 +95,7 @@ class CorpusConfig:
   def __post_init__(self):
     key = "config.corpus"
     for name in ("n_warmstart", "n_bootstrap", "n_validation", "n_eval", "n_fewshot", "n_fresh",
-                 "n_pretrain"):
+                 "n_pretrain", "n_pretrain_questions", "n_dev"):
       config_lib.check(getattr(self, name) >= 0, f"{key}.{name}",
                        f"must be >= 0, got {getattr(self, name)}")
     config_lib.check(0 <= self.n_names <= len(FEMALE), f"{key}.n_names",
@@ -98,6 +111,13 @@ class CorpusConfig:
                      f"must be in [20, 999] (1-3 digit arithmetic), got {self.max_value}")
     config_lib.check(not (self.tally and self.exercises), f"{key}.exercises",
                      "tally and exercises exclude each other: set one")
+    config_lib.check(1 <= self.min_steps <= self.max_steps, f"{key}.min_steps",
+                     f"need 1 <= min_steps <= max_steps={self.max_steps}, got {self.min_steps}")
+    config_lib.check(0 <= self.pretrain_steps <= self.max_steps, f"{key}.pretrain_steps",
+                     f"must be in [0, max_steps={self.max_steps}], got {self.pretrain_steps}")
+    for name in ("pretrain_steps", "n_pretrain_questions"):
+      config_lib.check(not getattr(self, name) or self.exercises, f"{key}.{name}",
+                       "applies to exercises only: set config.corpus.exercises = True")
     config_lib.check(self.max_change == 0 or 3 <= self.max_change <= self.max_operand,
                      f"{key}.max_change",
                      f"must be 0 (= max_operand) or in [3, max_operand={self.max_operand}], "
@@ -117,7 +137,8 @@ class Fact:
   more/fewer or (factor,) op times/half | split (g,) | state (v,) | compare (v,) op
   more/fewer/sum | part (v,). The last four are derived: their number is the result of working
   the text does not show. `who` is a person's name (None for `part`: the last split's person),
-  `other` the second person of a relation/compare, `unit` the container of split/part.
+  `other` the second person of a relation/compare, `unit` the container of split/part, `day`
+  the dated change a state is asked after ("How many ... after Monday?").
   """
   kind: str
   who: str | None
@@ -126,6 +147,7 @@ class Fact:
   op: str = ""
   other: str | None = None
   unit: str | None = None
+  day: str | None = None
 
 
 DERIVED = frozenset({"state", "compare", "part"})
@@ -166,6 +188,10 @@ _JOBS = ("by washing cars", "by walking dogs", "at the market", "by selling lemo
          "for helping a neighbor", "by mowing lawns", "at a bake sale")
 _TIMES = {"twice": 2, "three times": 3, "four times": 4}
 _CONNECTIVES = ("Then ", "Later, ", "Next, ", "After that, ")
+# Exercises date each change by a day of the week, consecutive days in order: the day names
+# the step, so working through an exercise finds each change by its day.
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_DAY_LEADS = tuple(f"On {d}, " for d in DAYS)
 
 # ----------------------------------------------------------------------------------- templates
 # A template is text with slots. {a|b} is a verb in present|past tense (one tense per story).
@@ -287,6 +313,7 @@ _TEMPLATES: tuple[_Template, ...] = (
     _t("ask", "How many {obj} do {S} and {O} have together?", op="sum"),
     _t("ask", "How many more {obj} does {S} have than {O}?", op="more"),
     _t("ask", "How many {obj} are in each {c}?", op="part"),
+    _t("ask", "How many {obj} does {S} have after {day}?", op="after"),
     _t("cue", "Answer:"),
     _t("answer", "The answer is {v}."),
 )
@@ -306,6 +333,7 @@ _SLOT_RE = {
     "thing": rf"(?:{'|'.join(_THINGS)})",
     "job": rf"(?:{'|'.join(_JOBS)})",
     "times": rf"(?P<times>{'|'.join(_TIMES)})",
+    "day": rf"(?P<day>{'|'.join(DAYS)})",
     **{n: rf"(?P<{n}>\d+)" for n in "nkgsv"},
 }
 _PIECE = re.compile(r"(\{[^{}]*\})")
@@ -326,6 +354,8 @@ def _compile(tpl: _Template) -> re.Pattern:
   body = "".join(out)
   if tpl.connective:
     body = "(?:" + "|".join(map(re.escape, _CONNECTIVES)) + ")?" + body
+  if tpl.kinds == ("change",):  # an exercise's changes are dated
+    body = "(?:" + "|".join(map(re.escape, _DAY_LEADS)) + ")?" + body
   return re.compile(body)
 
 
@@ -427,7 +457,7 @@ def _facts_from_match(tpl: _Template, slots: dict[str, str], who: str | None,
     if kind in ("mention", "cue"):
       continue
     if kind == "ask":
-      facts.append(Fact("ask", who, obj, (), tpl.op, other, unit))
+      facts.append(Fact("ask", who, obj, (), tpl.op, other, unit, slots.get("day")))
       continue
     if kind == "answer":
       facts.append(Fact("answer", None, None, (int(slots["v"]),)))
@@ -494,6 +524,8 @@ def _answered(rows: list[tuple[Fact, ...]]) -> list[tuple[Fact, ...]]:
 def _answer_fact(ask: Fact, value: int) -> Fact:
   if ask.op == "state":
     return Fact("state", ask.who, ask.obj, (value,))
+  if ask.op == "after":
+    return Fact("state", ask.who, ask.obj, (value,), day=ask.day)
   if ask.op == "part":
     return Fact("part", None, ask.obj, (value,), unit=ask.unit)
   return Fact("compare", ask.who, ask.obj, (value,), ask.op, ask.other)
@@ -510,20 +542,31 @@ def _eq(a: int, op: str, b: int, c: int) -> str:
 class _Quantity:
   value: int | None            # last known value (None: not recoverable from the text read)
   obj: str | None
-  # Given changes since `value`: (fact, None) or, for a relation, (fact, (ref working, ref value))
-  # with the other person's value taken when the relation was stated.
-  pending: list[tuple[Fact, Any]] = dataclasses.field(default_factory=list)
+  # Given changes since `value`: (fact, None, sentence) or, for a relation, (fact, (ref
+  # working, ref value), sentence) with the other person's value taken when the relation was
+  # stated.
+  pending: list[tuple[Fact, Any, str]] = dataclasses.field(default_factory=list)
 
 
 class _Replay:
-  """Replays facts in order and writes the working of each derived fact."""
+  """Replays facts in order and writes the working of each derived fact.
 
-  def __init__(self):
+  With `restate` (exercises), the working is a sequence of one-step problems worked out as the
+  pretraining corpus works them: the number a step starts from ("Leo has 8 cards."), the
+  sentence it reads (the change, the relation, the split, the question asked), the equation,
+  and the number it reaches ("8 + 4 = 12. Leo has 12 cards."), which the next step starts from.
+  """
+
+  def __init__(self, restate: bool = False):
+    self.restate = restate
     self.people: dict[str, _Quantity] = {}
-    self.split: tuple[str | None, int] | None = None
+    self.split: tuple[str | None, int, str] | None = None
+    self.asked = ""
 
-  def _resolve(self, name: str | None) -> tuple[list[str], int | None]:
-    """Applies `name`'s pending changes; returns the working and the current value."""
+  def _resolve(self, name: str | None, until: str | None = None
+               ) -> tuple[list[str], int | None]:
+    """Applies `name`'s pending changes (through the one dated `until`, if given, leaving the
+    later ones pending); returns the working and the value reached."""
     q = self.people.get(name) if name else None
     if q is None:
       return [], None
@@ -531,8 +574,14 @@ class _Replay:
       return ([f"{name} has {q.value} {q.obj}."] if q.value is not None else []), q.value
     lines, cur = [], q.value
     if cur is not None:
-      lines.append(f"{name} had {cur} {q.obj}.")
-    for f, ref in q.pending:
+      lines.append(f"{name} {'has' if self.restate else 'had'} {cur} {q.obj}.")
+    pending, rest = q.pending, []
+    if until is not None:
+      stop = next((i for i, (_, _, text) in enumerate(pending)
+                   if text.startswith(f"On {until},")), len(pending) - 1)
+      pending, rest = pending[:stop + 1], pending[stop + 1:]
+    reached = [f"{name} has {{}} {q.obj}."] if self.restate else []
+    for f, ref, text in pending:
       if f.kind == "relation":
         ref_lines, r = ref
         if r is None or (f.op == "half" and r % 2):
@@ -541,10 +590,13 @@ class _Replay:
         k = f.nums[0]
         cur, eq = {"more": (r + k, (r, "+", k)), "fewer": (r - k, (r, "-", k)),
                    "times": (k * r, (k, "*", r)), "half": (r // 2, (r, "/", 2))}[f.op]
-        lines += ref_lines + [_eq(*eq, cur)]
+        lines += ref_lines + ([text] if self.restate else []) + [_eq(*eq, cur)]
+        lines += [line.format(cur) for line in reached]
         continue
       if cur is None:
         break
+      if self.restate:
+        lines.append(text)
       if f.kind == "groups":
         k = f.nums[0] * f.nums[1]
         lines.append(_eq(f.nums[0], "*", f.nums[1], k))
@@ -552,25 +604,31 @@ class _Replay:
         k = f.nums[0]
       new = cur + k if f.op == "+" else cur - k
       lines.append(_eq(cur, f.op, k, new))
+      lines += [line.format(new) for line in reached]
       cur = new
-    q.pending = []
+    q.pending = rest
     q.value = cur
     return (lines, cur) if cur is not None else ([], None)
 
-  def step(self, fact: Fact) -> str | None:
-    """Updates the replay with `fact`; returns its working if it is a recoverable derived fact."""
+  def step(self, fact: Fact, text: str = "") -> str | None:
+    """Updates the replay with `fact` (stated by the sentence `text`); returns its working if
+    it is a recoverable derived fact."""
     if fact.kind == "init":
       self.people[fact.who] = _Quantity(fact.nums[0], fact.obj)
     elif fact.kind in ("change", "groups"):
-      self.people.setdefault(fact.who, _Quantity(None, fact.obj)).pending.append((fact, None))
+      self.people.setdefault(fact.who, _Quantity(None, fact.obj)).pending.append(
+          (fact, None, text))
     elif fact.kind == "relation":
-      self.people[fact.who] = _Quantity(None, fact.obj, [(fact, self._resolve(fact.other))])
+      self.people[fact.who] = _Quantity(None, fact.obj,
+                                        [(fact, self._resolve(fact.other), text)])
     elif fact.kind == "split":
-      self.split = (fact.who, fact.nums[0])
+      self.split = (fact.who, fact.nums[0], text)
     elif fact.kind == "state":
       q = self.people.get(fact.who)
-      lines, value = self._resolve(fact.who) if q is not None and q.pending else ([], None)
-      self.people[fact.who] = _Quantity(fact.nums[0], fact.obj)
+      lines, value = (self._resolve(fact.who, fact.day) if q is not None and q.pending
+                      else ([], None))
+      rest = q.pending if q is not None and fact.day else []
+      self.people[fact.who] = _Quantity(fact.nums[0], fact.obj, rest)
       return " ".join(lines) if lines and value == fact.nums[0] else None
     elif fact.kind == "compare":
       la, a = self._resolve(fact.who)
@@ -579,27 +637,51 @@ class _Replay:
         return None
       x, o, y, z = {"more": (a, "-", b, a - b), "fewer": (b, "-", a, b - a),
                     "sum": (a, "+", b, a + b)}[fact.op]
-      return " ".join(la + lb + [_eq(x, o, y, z)]) if z == fact.nums[0] else None
+      if z != fact.nums[0]:
+        return None
+      asked = [self.asked] if self.restate and self.asked else []
+      return " ".join(la + lb + asked + [_eq(x, o, y, z)])
     elif fact.kind == "part" and self.split is not None:
       lines, value = self._resolve(self.split[0])
       g = self.split[1]
       if value is not None and value == g * fact.nums[0]:
-        return " ".join(lines + [_eq(value, "/", g, fact.nums[0])])
+        split = [self.split[2]] if self.restate and self.split[2] else []
+        return " ".join(lines + split + [_eq(value, "/", g, fact.nums[0])])
     return None
 
 
-def _thoughts(facts: Sequence[Sequence[Fact]]) -> list[str | None]:
-  replay = _Replay()
+def _restates(sentences: Sequence[str]) -> bool:
+  """Exercises (text that opens with QUESTION_LEAD) get restating working (_Replay)."""
+  return bool(sentences) and sentences[0].lstrip().startswith(QUESTION_LEAD)
+
+
+def _thoughts(facts: Sequence[Sequence[Fact]], sentences: Sequence[str] | None = None
+              ) -> list[str | None]:
+  """The working of each row of facts; with the sentences that stated them, an exercise's
+  working restates the sentences it reads."""
+  replay = _Replay(restate=sentences is not None and _restates(sentences))
   out = []
-  for row in facts:
-    parts = [t for t in (replay.step(f) for f in row) if t]
-    out.append(" ".join(parts) if parts else None)
+  texts = ([_bare(t) for t in sentences] if sentences is not None else [""] * len(facts))
+  for row, text in zip(facts, texts):
+    if text.endswith("?"):
+      replay.asked = text
+    parts = [t for t in (replay.step(f, text) for f in row) if t]
+    # Restating working starts with a space, as the text after the answer cue does: its
+    # tokens are then those of a worked answer (" Mia has 5 cards." ...).
+    lead = " " if replay.restate else ""
+    out.append(lead + " ".join(parts) if parts else None)
   return out
+
+
+def _bare(sentence: str) -> str:
+  """A sentence without surrounding whitespace and without the question lead."""
+  sentence = sentence.strip()
+  return sentence[len(QUESTION_LEAD):] if sentence.startswith(QUESTION_LEAD) else sentence
 
 
 def sentence_thoughts(sentences: Sequence[str]) -> list[str | None]:
   """The oracle working for each sentence of a story (None where nothing is derived)."""
-  return _thoughts(parse_sentences(sentences))
+  return _thoughts(parse_sentences(sentences), sentences)
 
 
 def oracle_thought(prefix: str, suffix: str) -> str | None:
@@ -635,7 +717,7 @@ def oracle_cot(prefix: str, suffix: str) -> str:
   for sentence, thought in zip(chunk, thoughts):
     if thought:
       lead = sentence[:len(sentence) - len(sentence.lstrip())]
-      sentence = f"{lead}{thought} {sentence.lstrip()}"
+      sentence = f"{lead}{thought.strip()} {sentence.lstrip()}"
     out.append(sentence)
   return "".join(out)
 
@@ -672,15 +754,46 @@ def thought_arithmetic(thoughts: Iterable[str | None]) -> dict[str, Any]:
           "fraction": correct / total if total else None}
 
 
+def _equations(text: str | None) -> list[tuple[int, str, int, int]]:
+  return [(int(a), op, int(b), int(c)) for a, op, b, c in _ANY_EQUATION.findall(text or "")]
+
+
+def _right(a: int, op: str, b: int, c: int) -> bool:
+  return {"+": a + b == c, "-": a - b == c, "*": a * b == c, "/": b != 0 and b * c == a}[op]
+
+
+def _normal(eq: tuple[int, str, int, int]) -> tuple[int, str, int, int]:
+  """An equation with the operands of + and * in order, so "7 + 5" and "5 + 7" are one."""
+  a, op, b, c = eq
+  return (min(a, b), op, max(a, b), c) if op in "+*" else eq
+
+
+def explains(sentences: Sequence[str], start: int, stop: int, thought: str | None
+             ) -> bool | None:
+  """Whether `thought` is the right working of the derived numbers that sentences[start:stop]
+  state (None when they state none): every equation it writes is right, it writes every
+  equation of the oracle's working (either operand order for + and *), and its last
+  equation's result is the last derived number stated. Wrong arithmetic, working that skips a
+  step, or an equation that merely ends at the stated number do not count."""
+  derived = [v for v in derived_numbers(sentences)[start:stop] if v is not None]
+  if not derived:
+    return None
+  eqs = _equations(thought)
+  if not eqs or not all(_right(*eq) for eq in eqs) or eqs[-1][3] != derived[-1]:
+    return False
+  oracle = sentence_thoughts(sentences)[start:stop]
+  needed = collections.Counter(_normal(eq) for t in oracle for eq in _equations(t))
+  return not needed - collections.Counter(_normal(eq) for eq in eqs)
+
+
 def thought_explains(documents: Iterable[Sequence[tuple[str, str | None]]]) -> dict[str, Any]:
-  """How many chunks that state derived numbers have a thought that arrives at them.
+  """How many chunks that state derived numbers have a thought that is their right working.
 
   `documents`: per document, its chunks in order as (text, thought); the texts joined give the
   document. A chunk counts when its sentences state at least one derived number, and is
-  explained when each of those numbers is the result ("= c") of an equation in its thought,
-  whether or not that equation's arithmetic is right (thought_arithmetic scores the arithmetic).
-  The oracle teacher scores 1.0; right arithmetic about other quantities does not count here.
-  Documents whose chunks do not end at sentence ends are left out and counted.
+  explained when `explains` says so: right arithmetic throughout, the oracle's equations all
+  written, the last result the number stated. The oracle teacher scores 1.0. Documents whose
+  chunks do not end at sentence ends are left out and counted.
   """
   chunks = explained = unaligned = 0
   for doc in documents:
@@ -689,15 +802,13 @@ def thought_explains(documents: Iterable[Sequence[tuple[str, str | None]]]) -> d
     if sum(per_chunk) != len(sentences):
       unaligned += 1
       continue
-    derived = derived_numbers(sentences)
     start = 0
     for (_, thought), n in zip(doc, per_chunk):
-      wanted = {v for v in derived[start:start + n] if v is not None}
+      ok = explains(sentences, start, start + n, thought)
       start += n
-      if wanted:
-        results = {int(c) for *_, c in _ANY_EQUATION.findall(thought or "")}
+      if ok is not None:
         chunks += 1
-        explained += wanted <= results
+        explained += ok
   return {"chunks": chunks, "explained": explained, "unaligned_docs": unaligned,
           "fraction": explained / chunks if chunks else None}
 
@@ -744,6 +855,7 @@ class _Story:
     self.seen: set[int] = set()         # numbers written so far
     self.subject: str | None = None
     self.split_done = self.compared = False
+    self.day: int | None = None         # exercises: the day of the next change (DAYS index)
 
   # -- rendering
 
@@ -764,7 +876,7 @@ class _Story:
     return self.rng.choice(options)
 
   def _emit(self, tpl: _Template, facts: Sequence[Fact], who: str, other: str | None = None,
-            **numbers: int) -> None:
+            connective: str = "", **numbers: int) -> None:
     rng = self.rng
     slots = {k: str(v) for k, v in numbers.items()}
     # "Together she and Tom have" reads badly: two-person sentences name both.
@@ -779,8 +891,8 @@ class _Story:
         slots[slot] = words[0] if self.cfg.plain else rng.choice(words)
     if "f" in numbers:
       slots["times"] = next(w for w, f in _TIMES.items() if f == numbers["f"])
-    conn = ("" if self.cfg.plain or not tpl.connective or rng.random() >= 0.3
-            else rng.choice(_CONNECTIVES))
+    conn = connective or ("" if self.cfg.plain or not tpl.connective or rng.random() >= 0.3
+                          else rng.choice(_CONNECTIVES))
     text = _render(tpl, slots, self.past, conn)
     self.sentences.append((" " if self.sentences else "") + text)
     self.facts.append(tuple(facts))
@@ -824,10 +936,11 @@ class _Story:
     self._emit(self._template("mention"), [], name)
     return True
 
-  def event(self, name: str, with_state: bool = False, groups_ok: bool = True) -> bool:
-    groups = (groups_ok and self.cost[name] + 2 <= self.cfg.max_steps
-              and self.rng.random() < 0.4)
-    if self.cost[name] + 1 + groups > self.cfg.max_steps:
+  def event(self, name: str, with_state: bool = False, groups_ok: bool = True,
+            cap: int | None = None) -> bool:
+    cap = self.cfg.max_steps if cap is None else cap
+    groups = (groups_ok and self.cost[name] + 2 <= cap and self.rng.random() < 0.4)
+    if self.cost[name] + 1 + groups > cap:
       return False
     change = self._change(name, groups)
     if change is None:
@@ -843,7 +956,10 @@ class _Story:
       self.cost[name] = 0
       self._emit(self._template(kind + "+state", op), facts, name, v=new, **numbers)
     else:
-      self._emit(self._template(kind, op), facts, name, **numbers)
+      day = ""
+      if self.day is not None:
+        day, self.day = _DAY_LEADS[self.day % len(DAYS)], self.day + 1
+      self._emit(self._template(kind, op), facts, name, connective=day, **numbers)
     return True
 
   def state(self, name: str) -> bool:
@@ -927,17 +1043,19 @@ class _Story:
       self._emit(self._template("part"), [part], p, v=v // g)
     return True
 
-  def ask(self, op: str, value: int, who: str, other: str | None = None) -> bool:
+  def ask(self, op: str, value: int, who: str, other: str | None = None,
+          day: str | None = None) -> bool:
     """An exercise's end: the question, the answer cue on a new line, and the bare answer."""
     if not self._fresh(value):
       return False
-    self._emit(self._template("ask", op), [], who, other=other)
+    self._emit(self._template("ask", op), [], who, other=other,
+               **({"day": day} if day else {}))
     self.sentences.append(ANSWER_CUE)
     self.facts.append(())
     unit = self.container[0] if op == "part" else None
     self._emit(self._template("answer"),
-               [_answer_fact(Fact("ask", who, self.obj, (), op, other, unit), value)], who,
-               v=value)
+               [_answer_fact(Fact("ask", who, self.obj, (), op, other, unit, day), value)],
+               who, v=value)
     return True
 
 
@@ -945,33 +1063,61 @@ class _Story:
 KIND_WEIGHTS = {"chain": 4, "relation": 2, "sum": 1, "difference": 1, "split": 1}
 
 
-def _build_exercise(rng: random.Random, cfg: CorpusConfig, kind: str | None = None
-                    ) -> Document | None:
-  """One attempt at an exercise of `kind` (None: random, KIND_WEIGHTS)."""
+def _build_exercise(rng: random.Random, cfg: CorpusConfig, kind: str | None = None,
+                    steps: int | None = None) -> Document | None:
+  """One attempt at an exercise of `kind` (None: random, KIND_WEIGHTS) whose answer takes
+  `steps` equations (None: min_steps to max_steps), one operation each, without groups ("3
+  bags of 4"), so that every step is one of the one-step exercises' operations:
+    chain       a starting number and `steps` changes ("buys 7 more", "gives away 3")
+    relation    `steps - 1` changes, then a second person with more / fewer / times / half
+    sum, difference
+                both people's numbers after `steps - 1` changes between them, then their sum
+                or difference
+    split       `steps - 1` changes, then an equal split into containers
+  """
   st = _Story(rng, cfg)
   p, q = st.p, st.q
   kind = kind or rng.choices(list(KIND_WEIGHTS), list(KIND_WEIGHTS.values()))[0]
+  n = steps if steps is not None else rng.randint(cfg.min_steps, cfg.max_steps)
+
+  def changes(name: str, count: int) -> bool:
+    return all(st.event(name, groups_ok=False, cap=st.cost[name] + 1) for _ in range(count))
+
+  st.day = rng.randrange(len(DAYS))
   st.init(p)
-  steps = rng.randint(2, cfg.max_steps) if kind == "chain" else rng.randint(0, 1)
-  while st.cost[p] < steps:
-    if not st.event(p, groups_ok=kind == "chain"):
+  if kind == "chain" and n == 1 and cfg.max_steps > 1:
+    # One step: the number after the first dated change, which later changes may follow (up
+    # to max_steps changes in all): one operation, found by its day among several.
+    first = DAYS[st.day]
+    if not changes(p, 1):
       return None
-  if kind == "chain":
-    ok = st.ask("state", st.value[p], p)
+    value = st.value[p]
+    ok = changes(p, rng.randint(0, cfg.max_steps - 1))
+    later = st.cost[p] > 1
+    ok = ok and (st.ask("after", value, p, day=first) if later
+                 else st.ask("state", value, p))
+  elif kind == "chain":
+    ok = changes(p, n) and st.ask("state", st.value[p], p)
   elif kind == "relation":
-    ok = st.introduce(relation=True) and st.ask("state", st.value[q], q)
+    ok = (changes(p, n - 1) and st.introduce(relation=True)
+          and st.ask("state", st.value[q], q))
   elif kind in ("sum", "difference"):
-    if not st.introduce(relation=rng.random() < 0.3):
+    first = rng.randint(0, n - 1)
+    if not changes(p, first):
+      return None
+    st.init(q)
+    if not changes(q, n - 1 - first):
       return None
     a, b = st.value[p], st.value[q]
-    if st.cost[p] + st.cost[q] + 1 > cfg.max_steps or a == b:
+    if a == b:
       return None
     if kind == "sum":
-      first, second = (p, q) if rng.random() < 0.5 else (q, p)
-      ok = st.ask("sum", a + b, first, second)
+      ok = st.ask("sum", a + b, *((p, q) if rng.random() < 0.5 else (q, p)))
     else:
       ok = st.ask("more", abs(a - b), *((p, q) if a > b else (q, p)))
   else:
+    if not changes(p, n - 1):
+      return None
     v = st.value[p]
     options = [g for g in range(2, 10) if v % g == 0 and v // g >= 2 and g != v // g]
     if not options:
@@ -983,7 +1129,10 @@ def _build_exercise(rng: random.Random, cfg: CorpusConfig, kind: str | None = No
   if not ok:
     return None
   st.sentences[0] = QUESTION_LEAD + st.sentences[0]
-  return _validated(st, cfg)
+  doc = _validated(st, cfg)
+  if doc is None or len(_EQUATION.findall(doc.oracle_thoughts[-1] or "")) != n:
+    return None
+  return doc
 
 
 def _build_tally(rng: random.Random, cfg: CorpusConfig) -> Document | None:
@@ -999,12 +1148,12 @@ def _build_tally(rng: random.Random, cfg: CorpusConfig) -> Document | None:
   return _validated(st, cfg)
 
 
-def _build(rng: random.Random, cfg: CorpusConfig) -> Document | None:
+def _build(rng: random.Random, cfg: CorpusConfig, steps: int | None = None) -> Document | None:
   """One attempt at a story; None when it came out too short or breaks a corpus property."""
   if cfg.tally:
     return _build_tally(rng, cfg)
   if cfg.exercises:
-    return _build_exercise(rng, cfg)
+    return _build_exercise(rng, cfg, steps=steps)
   st = _Story(rng, cfg)
   p, q = st.p, st.q
   target = rng.randint(4, 9)
@@ -1039,9 +1188,9 @@ def _build(rng: random.Random, cfg: CorpusConfig) -> Document | None:
 def _validated(st: _Story, cfg: CorpusConfig) -> Document | None:
   n = len(st.sentences)
   words = sum(len(s.split()) for s in st.sentences)
-  if not 4 <= n <= (12 if cfg.tally else 10) or not (20 if cfg.exercises else 35) <= words <= 150:
+  if not 4 <= n <= (12 if cfg.tally else 10) or not (12 if cfg.exercises else 35) <= words <= 150:
     return None
-  thoughts = _thoughts(st.facts)
+  thoughts = _thoughts(st.facts, st.sentences)
   seen: set[int] = set()
   for sentence, facts, thought in zip(st.sentences, st.facts, thoughts):
     derived = [f.nums[0] for f in facts if f.kind in DERIVED]
@@ -1061,11 +1210,13 @@ def _validated(st: _Story, cfg: CorpusConfig) -> Document | None:
   return Document("".join(st.sentences), list(st.sentences), thoughts, list(st.facts))
 
 
-def generate_document(rng: random.Random, cfg: CorpusConfig | None = None) -> Document:
-  """A random story (deterministic given the state of `rng`)."""
+def generate_document(rng: random.Random, cfg: CorpusConfig | None = None,
+                      steps: int | None = None) -> Document:
+  """A random story (deterministic given the state of `rng`); for exercises, `steps` fixes
+  the equations of the answer's working (None: min_steps to max_steps)."""
   cfg = cfg or CorpusConfig()
   for _ in range(1000):
-    doc = _build(rng, cfg)
+    doc = _build(rng, cfg, steps)
     if doc is not None:
       return doc
   raise RuntimeError(f"no valid story in 1000 attempts for {cfg}")
@@ -1192,11 +1343,12 @@ def exercise_question(doc: Document) -> dict[str, Any]:
 
 
 def generate_question(rng: random.Random, cfg: CorpusConfig | None = None,
-                      kind: str | None = None) -> dict[str, Any]:
+                      kind: str | None = None, steps: int | None = None) -> dict[str, Any]:
   """A question record {"question", "solution", "answer", "steps"}; `kind` in QUESTION_KINDS.
 
   The question ends with "\\nAnswer:"; the solution shows the working, one operation per
   equation, and ends "The answer is N." (the few-shot exemplar format); `answer` is str(N).
+  For exercises, `steps` fixes the equations of the working (None: min_steps to max_steps).
   """
   cfg = cfg or CorpusConfig()
   if kind is not None and kind not in QUESTION_KINDS:
@@ -1204,7 +1356,7 @@ def generate_question(rng: random.Random, cfg: CorpusConfig | None = None,
   for _ in range(1000):
     k = kind or rng.choices(QUESTION_KINDS, list(KIND_WEIGHTS.values()))[0]
     if cfg.exercises:
-      doc = _build_exercise(rng, cfg, k)
+      doc = _build_exercise(rng, cfg, k, steps)
       record = exercise_question(doc) if doc is not None else None
     else:
       record = _question(rng, cfg, k)
@@ -1216,30 +1368,50 @@ def generate_question(rng: random.Random, cfg: CorpusConfig | None = None,
 # ------------------------------------------------------------------------------------ splits
 
 TEXT_SPLITS = ("warmstart", "bootstrap", "validation", "fresh", "pretrain")
-QA_SPLITS = ("fewshot", "eval")
+QA_SPLITS = ("fewshot", "dev", "eval")
+
+
+def _pretrain_config(cfg: CorpusConfig) -> tuple[CorpusConfig, int | None]:
+  """(the corpus settings, the equations per exercise) of the `pretrain` split: with
+  `pretrain_steps`, starting values span the whole range (max_operand = max_value), so the
+  one-step problems hold every step a multi-step exercise takes."""
+  if not cfg.pretrain_steps:
+    return cfg, None
+  return (dataclasses.replace(cfg, max_operand=cfg.max_value, max_change=cfg.change_cap),
+          cfg.pretrain_steps)
+
+
+def question_of(text: str) -> str:
+  """An exercise's question: its text through the answer cue."""
+  return text[:text.rfind(ANSWER_CUE) + len(ANSWER_CUE)]
 
 
 def make_splits(cfg: CorpusConfig | Any = None) -> dict[str, list[dict[str, Any]]]:
   """The corpus: story splits of {"id", "text"}, question splits of question records.
 
-  Returns {"warmstart", "bootstrap", "validation", "fresh", "pretrain", "pretrain_cot":
-  [{"id", "text"}], "fewshot", "eval": [{"id", "question", "solution", "answer", "steps"}]}.
-  Each split has its own random stream (seeded by cfg.seed and its name), so resizing one split
-  leaves the others' contents unchanged; no text or question appears in two splits or twice in
-  one. `pretrain_cot` is `pretrain` with the working written in (`oracle_cot`): text in the
-  spirit of worked solutions, for a base model that already knows the working's form.
+  Returns {"warmstart", "bootstrap", "validation", "fresh", "pretrain", "pretrain_cot",
+  "pretrain_questions": [{"id", "text"}], "fewshot", "dev", "eval": [{"id", "question",
+  "solution", "answer", "steps"}]}. Each split has its own random stream (seeded by cfg.seed
+  and its name), so resizing one split leaves the others' contents unchanged; no text or
+  question appears in two splits or twice in one (an exercise's question counts as its text).
+  `pretrain_cot` is `pretrain` with the working written in (`oracle_cot`): text in the spirit
+  of worked solutions, for a base model that already knows the working's form;
+  `pretrain_questions` (exercises) holds questions alone, without cue or answer.
   """
   cfg = config_lib.from_config(CorpusConfig, cfg if cfg is not None else {}, "config.corpus")
   splits: dict[str, list[dict[str, Any]]] = {}
   seen: set[str] = set()
-  for name in TEXT_SPLITS:
+  for name in TEXT_SPLITS + ("pretrain_questions",):
     rng = random.Random(f"latent_em.mathcorpus/{cfg.seed}/{name}")
+    split_cfg, steps = _pretrain_config(cfg) if name == "pretrain" else (cfg, None)
     rows = splits[name] = []
     while len(rows) < getattr(cfg, f"n_{name}"):
-      text = generate_document(rng, cfg).text
-      question = text[:text.rfind(ANSWER_CUE) + len(ANSWER_CUE)] if cfg.exercises else text
+      text = generate_document(rng, split_cfg, steps).text
+      question = question_of(text) if cfg.exercises else text
       if text not in seen and question not in seen:
         seen.update((text, question))
+        if name == "pretrain_questions":
+          text = question[:-len(ANSWER_CUE)]
         rows.append({"id": f"{name}-{len(rows):06d}", "text": text})
   splits["pretrain_cot"] = [{"id": f"pretrain_cot-{i:06d}", "text": oracle_cot("", r["text"])}
                             for i, r in enumerate(splits["pretrain"])]

@@ -43,7 +43,8 @@ from latent_em import config_lib, io_utils, jobs, runtime
 from latent_em.em import report
 from latent_em.em.stages import Stages, derive
 
-BASELINES = ("raw_token_matched", "raw_compute_matched", "raw_fresh", "wrap_cot", "wrap")
+BASELINES = ("raw_token_matched", "raw_compute_matched", "teacher_all", "raw_fresh", "wrap_cot",
+             "wrap")
 WRAP_STYLES = ("wrap_simple", "wrap_scholarly", "wrap_encyclopedic", "wrap_qa")
 
 
@@ -63,7 +64,17 @@ class EMConfig:
     base_files / base_epochs: raw corpora to pretrain the base on, for base_epochs passes, as
       the job's first training run (`base`); every other run starts from it. Exclusive with
       `base`.
+    base_seed: the seed of that base's initialisation and data order (-1: config.seed). A
+      fixed value makes the base the same for every config.seed, as a published base model is
+      for every fine-tuning seed; a run with another seed then links it with `reuse_from`.
     warmstart_epochs / mstep_epochs: passes over each run's data (see the module docstring).
+    finetune_lr: the peak learning rate of every run that starts from the base (warm start,
+      M-steps, baselines); 0 = config.optim.lr. A pretrained base forgets what it knows at
+      the rate that trains it from scratch.
+    replay: the share of the training examples of every run that starts from a base this job
+      pretrained (config.em.base_files) drawn from the base's own documents, so that training
+      on a few hundred exercises keeps what the base knows; 0 = none. Budgets count passes
+      over a run's own data, so its steps grow by 1 / (1 - replay).
     mstep_include_warmstart: the M-step also trains on the warm-start teacher records.
     baselines: any of BASELINES, run after em_iter_1.
     evaluate: run the evaluation job after each training run.
@@ -83,8 +94,11 @@ class EMConfig:
   base: str = ""
   base_files: tuple[str, ...] = ()
   base_epochs: float = 0.0
+  base_seed: int = -1
   warmstart_epochs: float = 4.0
   mstep_epochs: float = 4.0
+  finetune_lr: float = 0.0
+  replay: float = 0.0
   mstep_include_warmstart: bool = True
   baselines: tuple[str, ...] = ("raw_token_matched", "raw_compute_matched")
   evaluate: bool = True
@@ -104,6 +118,10 @@ class EMConfig:
                      "the baselines are matched to em_iter_1: set config.em.iterations >= 1")
     for name in ("warmstart_epochs", "mstep_epochs"):
       config_lib.check(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+    config_lib.check(self.finetune_lr >= 0, f"{key}.finetune_lr", "must be >= 0 (0 = optim.lr)")
+    config_lib.check(0 <= self.replay < 1, f"{key}.replay", f"{self.replay} must be in [0, 1)")
+    config_lib.check(not self.replay or bool(self.base_files), f"{key}.replay",
+                     "replays the base's documents: set config.em.base_files too")
     config_lib.check(not (self.base and self.base_files), f"{key}.base_files",
                      "give a base checkpoint (config.em.base) or documents to pretrain one on "
                      "(config.em.base_files), not both")
@@ -129,8 +147,9 @@ class Experiment:
     self.files = {
         name: resolve(getattr(self.cfg, f"{name}_files"), f"config.em.{name}_files")
         for name in ("warmstart", "bootstrap", "fresh", "validation", "base")}
-    tokenizer = runtime.get_tokenizer(config, self.workdir,
-                                      self.files["warmstart"] + self.files["bootstrap"])
+    tokenizer = runtime.get_tokenizer(
+        config, self.workdir,
+        self.files["warmstart"] + self.files["bootstrap"] + self.files["base"])
     self.tokenizer = tokenizer
     data = runtime.section(config, "data")
     self.batch_size, self.seq_len = data.batch_size, data.seq_len
@@ -177,15 +196,16 @@ class Experiment:
             for r in records.read_records(list(record_globs))]
     self.runs[name]["thought_arithmetic"] = mathcorpus.thought_arithmetic(
         t for doc in docs for _, t in doc)
-    self.runs[name]["thought_explains"] = mathcorpus.thought_explains(docs)
+    self.runs[name]["thought_right"] = mathcorpus.thought_explains(docs)
 
-  def _sections(self, *names: str) -> dict[str, Any]:
+  def _sections(self, *names: str, config=None) -> dict[str, Any]:
     """The config sections a stage depends on (part of its spec: a change re-runs nothing
-    silently; see stages.Stages.run)."""
+    silently; see stages.Stages.run), of `config` (default: the job's)."""
+    config = self.config if config is None else config
     out = {}
     # The corpus and tokenizer settings decide what every stage's input files hold.
     for name in ("corpus", "tokenizer") + names:
-      value = self.config.get(name)
+      value = config.get(name)
       out[name] = value.to_dict() if hasattr(value, "to_dict") else value
     for skip in (("train", "steps"), ("train", "init_from"), ("train", "progress_bar"),
                  ("eval", "init_from"), ("eval", "progress_bar"), ("estep", "init_from"),
@@ -206,30 +226,67 @@ class Experiment:
     return pipeline.packed_pass(task, "train", data.seq_len, bos_id=self.tokenizer.bos_id,
                                 seed=data.seed, pack=data.pack)
 
-  def _steps(self, epochs: float, rows: int) -> int:
+  @property
+  def replay(self) -> float:
+    return self.cfg.replay if self.cfg.base_files else 0.0
+
+  def _raw_records(self, files: tuple[str, ...]) -> tuple[str, ...]:
+    """The raw documents of `files` as records without thoughts (stage `raw_records`)."""
+    spec = {"files": files}
+
+    def fn(directory: str) -> dict[str, Any]:
+      from latent_em.data import records  # pylint: disable=g-import-not-at-top
+      recs = [records.DocRecord(doc_id=f"{i:06d}", text=text,
+                                chunks=[records.ChunkRecord(prefix="", suffix=text)])
+              for i, text in enumerate(t for f in files for t in _text_list(self.config, f))]
+      path = os.path.join(directory, "records-00000-of-00001.tfrecord")
+      if jax.process_index() == 0:
+        records.write_shard(recs, path)
+      runtime.sync("raw_records")
+      return {"records": path, "docs": len(recs)}
+
+    return (self.stages.run("raw_records", spec, fn)["records"],)
+
+  def _steps(self, epochs: float, rows: float) -> int:
     return max(1, math.ceil(epochs * rows / self.batch_size))
 
   def _train_run(self, name: str, *, raw_files: tuple[str, ...] = (),
                  record_files: tuple[str, ...] = (), fmt: str = "random",
                  epochs: float | None = None, steps: int | None = None,
                  thought_trained: bool = False, raw_tokens: int,
-                 init_from: str | None = None) -> dict[str, Any]:
+                 init_from: str | None = None, seed: int | None = None) -> dict[str, Any]:
     """Trains run `name` from `init_from` (default: the base) for `epochs` of its data or a
-    fixed `steps`."""
+    fixed `steps`; `seed` replaces config.seed, config.data.seed and config.mstep_data.seed
+    for this run."""
+    config = self.config if seed is None else derive(
+        self.config, {"seed": seed, "data.seed": seed, "mstep_data.seed": seed})
     init_from = self.base if init_from is None else init_from
+    lr = self.cfg.finetune_lr if init_from and self.cfg.finetune_lr else None
+    replay = self.replay if init_from == self.base else 0.0
+    if replay and raw_files:
+      # Raw documents as records (format "raw"), so they mix with the base's documents by rate.
+      record_files, raw_files, fmt = self._raw_records(raw_files), (), "raw"
     spec = {"raw_files": raw_files, "record_files": record_files, "format": fmt,
             "epochs": epochs, "steps": steps, "base": init_from, "budget": "packed_rows",
-            "config": self._sections("seed", "model", "optim", "data", "mstep_data", "train")}
+            "lr": lr, "replay": replay,
+            "config": self._sections("seed", "model", "optim", "data", "mstep_data", "train",
+                                     config=config)}
 
     def fn(directory: str) -> dict[str, Any]:
       # No validation inside training: the eval stage measures NLL on the validation split.
       data = {"job": "train", "data.train_files": raw_files, "data.validation_files": (),
               "mstep_data.record_files": record_files, "mstep_data.format": fmt,
               "train.init_from": init_from}
-      epoch = self._epoch(derive(self.config, data), directory)
+      if lr:
+        data["optim.lr"] = lr
+      # One pass over the run's own data (the replayed documents are not its data).
+      epoch = self._epoch(derive(config, data), directory)
       rows, tokens = epoch["rows"], epoch["tokens"]
-      n_steps = steps if steps is not None else self._steps(epochs, rows)
-      c = derive(self.config, {**data, "train.steps": n_steps})
+      n_steps = steps if steps is not None else self._steps(epochs, rows / (1 - replay))
+      if replay:
+        data.update({"data.train_files": self.files["base"],
+                     "mstep_data.thought_rate": 1 - replay})
+      c = derive(config, {**data, "train.steps": n_steps})
       summary = jobs.run(c, directory)
       if thought_trained:
         from latent_em.evaluation import job as eval_job  # pylint: disable=g-import-not-at-top
@@ -237,7 +294,8 @@ class Experiment:
       return {"steps": n_steps, "epoch_tokens": tokens, "epoch_rows": rows,
               "fill": tokens / max(rows * self.seq_len, 1),
               "train_tokens": n_steps * self.tokens_per_step, "raw_tokens": raw_tokens,
-              "epochs": n_steps * self.batch_size / max(rows, 1),
+              "epochs": n_steps * self.batch_size * (1 - replay) / max(rows, 1),
+              "replay": replay,
               "final_loss": summary.get("final_loss"),
               "thought_trained": thought_trained, "train_wall_s": summary.get("wall_s"),
               "loss_tokens": summary.get("loss_tokens")}
@@ -286,6 +344,12 @@ class Experiment:
       res = jobs.run(c, directory)
       out = {k: res[k] for k in ("accuracy", "latent_accuracy", "constant_answer_accuracy",
                                  "nll_per_token", "elbo_per_token")}
+      # Per task and variant ("mathcorpus", "mathcorpus:latent"): questions asked, and the
+      # accuracy by equations in the working (built-in corpus).
+      fewshot = res["details"]["fewshot"]
+      out["questions"] = {name: d["n"] for name, d in fewshot.items()}
+      out["per_steps"] = {name: d["per_steps"] for name, d in fewshot.items()
+                          if "per_steps" in d}
       out["samples"] = res.get("samples", [])[:4]
       return out
 
@@ -293,20 +357,23 @@ class Experiment:
 
   # ------------------------------------------------------------------------------- stages
 
-  def teacher(self) -> tuple[str, ...]:
-    if self.cfg.teacher_records:
+  def teacher(self, split: str = "warmstart") -> tuple[str, ...]:
+    """Teacher thoughts for the warm-start documents (stage `teacher`), or for the bootstrap
+    documents (`teacher_bootstrap`, for the teacher_all baseline)."""
+    if self.cfg.teacher_records and split == "warmstart":
       return tuple(self.cfg.teacher_records)
-    spec = {"files": self.files["warmstart"], "kind": "latent_thoughts",
-            "config": self._sections("synthesis")}
+    files = self.files[split]
+    spec = {"files": files, "kind": "latent_thoughts", "config": self._sections("synthesis")}
 
     def fn(directory: str) -> dict[str, Any]:
       c = derive(self.config, {"job": "synthesize", "synthesis.kind": "latent_thoughts",
-                               "synthesis.input_files": self.files["warmstart"]})
+                               "synthesis.input_files": files})
       summary = jobs.run(c, directory)
       return {"records": summary["shard_pattern"], "chunks": summary["chunks"],
               "chunks_with_thought": summary["chunks_with_thought"]}
 
-    return (self.stages.run("teacher", spec, fn)["records"],)
+    name = "teacher" if split == "warmstart" else f"teacher_{split}"
+    return (self.stages.run(name, spec, fn)["records"],)
 
   def pretrain_base(self) -> None:
     """Run `base`: pretrained from random initialisation on config.em.base_files (if set)."""
@@ -318,7 +385,8 @@ class Experiment:
           f"config.em.base_files: no documents in {list(self.files['base'])} (for "
           f"builtin:mathcorpus/pretrain or pretrain_cot set config.corpus.n_pretrain > 0)")
     self._train_run(report.BASE_RUN, raw_files=self.files["base"], epochs=self.cfg.base_epochs,
-                    raw_tokens=raw_tokens, init_from="")
+                    raw_tokens=raw_tokens, init_from="",
+                    seed=self.cfg.base_seed if self.cfg.base_seed >= 0 else None)
     self._eval_run(report.BASE_RUN)
 
   def paraphrases(self, kind: str) -> str:
@@ -341,8 +409,9 @@ class Experiment:
                                "estep.init_from": model_dir,
                                "estep.seed": self.config.estep.seed + t})
       summary = jobs.run(c, directory)
-      keep = ("chunks", "mean_thought_len", "frac_ended", "mean_ess", "elbo_per_token",
-              "wall_s", "gen_tokens_per_s")
+      keep = ("chunks", "mean_thought_len", "frac_ended_with_eol", "mean_ess",
+              "mean_distinct_samples", "identical_share", "elbo_per_token", "wall_s_this_run",
+              "num_samples")
       out = {k: summary[k] for k in keep if k in summary}
       out["records"] = os.path.join(directory, "estep", "records-*.tfrecord")
       return out
@@ -351,6 +420,18 @@ class Experiment:
     return out["records"]
 
   # ------------------------------------------------------------------------------- the loop
+
+  def _doc_count(self, record_globs: tuple[str, ...]) -> int:
+    from latent_em.data import records  # pylint: disable=g-import-not-at-top
+    return sum(1 for _ in records.read_records(list(record_globs)))
+
+  def mstep_steps(self, teacher: tuple[str, ...], n_docs: int) -> int:
+    """The M-step budget: mstep_epochs passes over `n_docs` documents at the warm start's
+    packed rows per document. It grows with the data, does not depend on the thoughts an
+    E-step happened to write, and is one step count for every M-step, so raw_compute_matched
+    and teacher_all are matched to each EM iteration."""
+    rows_per_doc = self.runs["warmstart"]["train"]["epoch_rows"] / self._doc_count(teacher)
+    return self._steps(self.cfg.mstep_epochs, rows_per_doc * n_docs / (1 - self.replay))
 
   def run(self) -> dict[str, Any]:
     cfg = self.cfg
@@ -362,37 +443,55 @@ class Experiment:
                     thought_trained=True, raw_tokens=self._record_raw_tokens(teacher))
     self._thought_quality("warmstart", teacher)
     self._eval_run("warmstart")
+    n_docs = self._doc_count(teacher) * cfg.mstep_include_warmstart + sum(
+        1 for f in self.files["bootstrap"] for _ in _texts(self.config, f))
+    steps = self.mstep_steps(teacher, n_docs)
     all_raw_tokens = self._raw_tokens(raw_all)
-    if "raw_token_matched" in cfg.baselines:
-      self._train_run("raw_token_matched", raw_files=raw_all, epochs=cfg.mstep_epochs,
-                      raw_tokens=all_raw_tokens)
-      self._eval_run("raw_token_matched")
+    self._baselines(steps, teacher, raw_all, all_raw_tokens)
     previous = self.stages.path("runs/warmstart/train")
     for t in range(1, cfg.iterations + 1):
       thoughts = self.estep(t, previous)
       record_files = ((*teacher, thoughts) if cfg.mstep_include_warmstart else (thoughts,))
       name = f"em_iter_{t}"
-      self._train_run(name, record_files=record_files, epochs=cfg.mstep_epochs,
-                      thought_trained=True, raw_tokens=self._record_raw_tokens(record_files))
+      self._train_run(name, record_files=record_files, steps=steps, thought_trained=True,
+                      raw_tokens=self._record_raw_tokens(record_files))
       self._thought_quality(name, (thoughts,))  # the E-step's thoughts, not the teacher's
+      self.runs[name]["estep"] = self.stages.done(f"estep/iter_{t}")["outputs"]
       self._eval_run(name)
       previous = self.stages.path(f"runs/{name}/train")
-      if t == 1:
-        self._baselines_matched_to(self.runs[name]["train"]["steps"], raw_all, all_raw_tokens)
     results = report.collect(self.runs)
-    results["details"] = {"workdir": self.workdir, "stage_wall_s": self.stages.timings,
+    # Each stage's own wall time (a stage done earlier or linked by reuse: when it ran).
+    walls = {n: (self.stages.done(n) or {}).get("wall_s") for n in self.stages.timings}
+    results["details"] = {"workdir": self.workdir, "stage_wall_s": walls,
+                          "reused_or_resumed": sorted(n for n, t in self.stages.timings.items()
+                                                      if t == 0.0),
                           "wall_s": time.perf_counter() - started,
-                          "tokens_per_step": self.tokens_per_step}
+                          "tokens_per_step": self.tokens_per_step, "mstep_steps": steps,
+                          "num_samples": runtime.section(self.config, "estep").num_samples}
     if jax.process_index() == 0:
       report.write(results, self.workdir, plots=cfg.plots)
     return results
 
-  def _baselines_matched_to(self, steps: int, raw_all: tuple[str, ...], raw_tokens: int):
+  def _baselines(self, steps: int, teacher: tuple[str, ...], raw_all: tuple[str, ...],
+                 raw_tokens: int):
+    """The runs without EM, on the same raw documents as the M-steps: raw_token_matched (the
+    M-step's passes over the raw text), and, for the M-step budget, raw_compute_matched,
+    teacher_all (the teacher's thoughts on every document), raw_fresh and the paraphrases."""
     cfg = self.cfg
+    if "raw_token_matched" in cfg.baselines:
+      self._train_run("raw_token_matched", raw_files=raw_all, epochs=cfg.mstep_epochs,
+                      raw_tokens=raw_tokens)
+      self._eval_run("raw_token_matched")
     if "raw_compute_matched" in cfg.baselines:
       self._train_run("raw_compute_matched", raw_files=raw_all, steps=steps,
                       raw_tokens=raw_tokens)
       self._eval_run("raw_compute_matched")
+    if "teacher_all" in cfg.baselines:
+      records = (*teacher, *self.teacher("bootstrap"))
+      self._train_run("teacher_all", record_files=records, steps=steps, thought_trained=True,
+                      raw_tokens=self._record_raw_tokens(records))
+      self._thought_quality("teacher_all", records)
+      self._eval_run("teacher_all")
     if "raw_fresh" in cfg.baselines:
       files = raw_all + self.files["fresh"]
       self._train_run("raw_fresh", raw_files=files, steps=steps,
@@ -404,6 +503,16 @@ class Experiment:
         self._train_run(baseline, record_files=recs, fmt="pure", steps=steps,
                         raw_tokens=raw_tokens)
         self._eval_run(baseline)
+
+
+def _text_list(config, path: str) -> list[str]:
+  return [t for _, t in _texts(config, path)]
+
+
+def _texts(config, path: str):
+  from latent_em.data import sources  # pylint: disable=g-import-not-at-top
+  data = runtime.section(config, "data")
+  return sources.read_texts(path, data.text_field, "skip", sources.InputStats())
 
 
 def run(config, workdir: str) -> dict[str, Any]:

@@ -163,7 +163,6 @@ class Engine:
     self.mesh = mesh
     ids = tokenizer.latent_ids
     self.sol, self.eol = ids[formats.SOL], ids[formats.EOL]
-    self.prior, self.post = ids[formats.PRIOR], ids[formats.POST]
     # Padded embedding rows (vocab rounded up) and BOS/pad are never valid thought tokens.
     banned = set(range(tokenizer.vocab_size, model_cfg.vocab_size))
     banned |= {tokenizer.bos_id, tokenizer.pad_id}
@@ -187,19 +186,13 @@ class Engine:
   def _row_multiple(self) -> int:
     return 1 if self.mesh is None else sharding.data_parallel_size(self.mesh)
 
-  # The two token layouts of DESIGN.md §4 (posterior prompt, joint target).
-  def posterior_prompt_ids(self, p_ids: list[int], x_ids: list[int]) -> list[int]:
-    return [self.tok.bos_id] + p_ids + [self.sol, self.eol] + x_ids + [self.sol, self.post]
-
-  def joint_target_ids(self, body: list[int], x_ids: list[int]) -> list[int]:
-    return [self.sol, self.prior] + body + [self.eol] + x_ids
-
   def chunk(self, prefix: str, suffix: str, key: jax.Array, tag: Any = None) -> Chunk:
     """Tokenizes a (prefix, suffix) pair and applies the overflow policy."""
     budget = self.cfg.max_seq_len - self.sampling.max_gen_len - _PROMPT_EXTRA
     p_ids, x_ids = self.tok.encode(prefix), self.tok.encode(suffix)
     p_ids, x_ids, p_cut, x_cut = fit_to_budget(p_ids, x_ids, budget)
-    return Chunk(p_ids, x_ids, p_cut, x_cut, self.posterior_prompt_ids(p_ids, x_ids), key, tag)
+    prompt = formats.posterior_prompt_ids(self.tok.bos_id, p_ids, x_ids, self.tok.latent_ids)
+    return Chunk(p_ids, x_ids, p_cut, x_cut, prompt, key, tag)
 
   def sample(self, chunks: Iterable[Chunk]) -> Iterator[Chunk]:
     """K thoughts for each chunk (continuous batching); yields chunks as they complete."""
@@ -218,7 +211,8 @@ class Engine:
         z = sample.tokens
         ended = sample.finished and bool(z) and z[-1] == self.eol
         body = z[:-1] if sample.finished else z
-        joint_pairs.append(([self.tok.bos_id] + c.p_ids, self.joint_target_ids(body, c.x_ids)))
+        joint_pairs.append(formats.joint_ids(self.tok.bos_id, c.p_ids, body, c.x_ids,
+                                             self.tok.latent_ids))
         meta.append((body, ended, sample.log_q))
     log_joint = scoring.score(self.logprob_fn, self.params, joint_pairs, cfg.max_seq_len,
                               rows_per_batch=max(cfg.score_rows, self._row_multiple()),

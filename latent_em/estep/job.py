@@ -83,17 +83,18 @@ def process_shards(engine: core.Engine, shards: Iterable[tuple[int, list[tuple[s
   def chunks() -> Iterator[core.Chunk]:
     for shard, docs in shards:
       base = jax.random.fold_in(jax.random.key(cfg.seed), shard)
-      entry = {"docs": docs, "pairs": [], "owners": [], "chunks": [], "left": 0}
+      # pairs: every chunk in document order (doc, pair); chunks: the sampled ones, in order.
+      entry = {"docs": docs, "pairs": [], "chunks": [], "left": 0}
       for d, (_, text) in enumerate(docs):
         for pair in chunking.chunk_pairs(text, cfg.chunking):
-          entry["pairs"].append((pair.prefix, pair.suffix))
-          entry["owners"].append(d)
-      entry["left"] = len(entry["pairs"])
+          entry["pairs"].append((d, pair))
+      sampled = [pair for _, pair in entry["pairs"] if not pair.context]
+      entry["left"] = len(sampled)
       open_shards[shard] = entry
       if not entry["left"]:
         ready.append(shard)
-      for i, (prefix, suffix) in enumerate(entry["pairs"]):
-        chunk = engine.chunk(prefix, suffix, jax.random.fold_in(base, i), tag=shard)
+      for i, pair in enumerate(sampled):
+        chunk = engine.chunk(pair.prefix, pair.suffix, jax.random.fold_in(base, i), tag=shard)
         entry["chunks"].append(chunk)
         yield chunk
 
@@ -102,9 +103,15 @@ def process_shards(engine: core.Engine, shards: Iterable[tuple[int, list[tuple[s
     results = engine.score(entry["chunks"], np.random.default_rng([cfg.seed, shard]))
     out = [records.DocRecord(doc_id=doc_id, text=text, meta={"estep_shard": shard})
            for doc_id, text in entry["docs"]]
-    for (prefix, suffix), d, r in zip(entry["pairs"], entry["owners"], results):
+    results = iter(results)
+    for d, pair in entry["pairs"]:
+      if pair.context:  # chunking.context_until: no thought; trained as raw text
+        out[d].chunks.append(records.ChunkRecord(prefix=pair.prefix, suffix=pair.suffix,
+                                                 source="context"))
+        continue
+      r = next(results)
       out[d].chunks.append(records.ChunkRecord(
-          prefix=prefix, suffix=suffix, thought=r.thought, log_weights=r.log_weights,
+          prefix=pair.prefix, suffix=pair.suffix, thought=r.thought, log_weights=r.log_weights,
           thought_len=r.thought_len, ended=r.ended, elbo={str(k): v for k, v in r.elbo.items()},
           suffix_tokens=r.suffix_tokens, cut_tokens=r.cut_tokens, source="estep"))
     return shard, out
@@ -154,17 +161,23 @@ def slot_utilization(out_dir: str) -> dict[str, Any]:
 
 def summarize(paths: list[str], ks) -> dict[str, Any]:
   """Aggregate statistics of finished shards (read back from the records)."""
-  n_docs = n_chunks = ended = cut = 0
-  thought_len, ess, suffix_tokens = [], [], 0
+  n_docs = n_chunks = ended = cut = identical = 0
+  thought_len, ess, distinct, suffix_tokens = [], [], [], 0
   elbo_sum = {str(k): 0.0 for k in ks}
   for rec in records.read_records(paths):
     n_docs += 1
     for c in rec.chunks:
+      if c.source == "context":
+        continue
       n_chunks += 1
       ended += c.ended
       cut += c.cut_tokens
       thought_len.append(c.thought_len)
       ess.append(weights.effective_sample_size(np.asarray(c.log_weights)))
+      # Samples with equal log-weights (equal log p and log q) are, in practice, one thought.
+      n_distinct = len(set(c.log_weights))
+      distinct.append(n_distinct)
+      identical += len(c.log_weights) > 1 and n_distinct == 1
       suffix_tokens += c.suffix_tokens
       for k in elbo_sum:
         elbo_sum[k] += c.elbo.get(k, float("nan"))
@@ -174,6 +187,8 @@ def summarize(paths: list[str], ks) -> dict[str, Any]:
       "mean_thought_len": float(np.mean(thought_len)) if thought_len else 0.0,
       "frac_ended_with_eol": ended / max(n_chunks, 1),
       "mean_ess": float(np.mean(ess)) if ess else 0.0,
+      "mean_distinct_samples": float(np.mean(distinct)) if distinct else 0.0,
+      "identical_share": identical / max(n_chunks, 1),
       "elbo_per_token": per_token, "cut_suffix_tokens": cut,
   }
 
@@ -230,7 +245,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     engine = core.Engine(cfg, model_cfg, train.load_init_params(
         cfg.init_from, model_cfg, key="config.estep.init_from"), tokenizer, mesh,
         mesh_cfg.rules_list)
-    total = sum(len(chunking.chunk_document(t, cfg.chunking)) for s, ds in
+    total = sum(len(chunking.chunk_document(t, cfg.chunking))
+                - chunking.context_chunks(t, cfg.chunking) for s, ds in
                 shard_docs(iter_documents(files, cfg, sources.InputStats()), cfg.docs_per_shard)
                 if s in todo for _, t in ds)
     progress = _Progress(total, jax.process_index() == 0)

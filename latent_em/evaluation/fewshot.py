@@ -73,7 +73,10 @@ class FewShotConfig:
   # True / False) / both.
   latent: bool | str = "auto"
   exemplar_seed: int = 0         # 0: the first n_shots training records; s > 0: a seeded sample
-  mathcorpus_dir: str = ""       # fewshot.jsonl + eval.jsonl; "" = the built-in corpus
+  mathcorpus_dir: str = ""       # fewshot.jsonl + {mathcorpus_split}.jsonl; "" = built-in
+  # The built-in corpus' question split: "eval" (held out, for reported results) or "dev"
+  # (held out too, for choices and probes).
+  mathcorpus_split: str = "eval"
   gsm8k_dir: str = ""            # train.jsonl + {gsm8k_split}.jsonl (upstream GSM8K format)
   gsm8k_split: str = "test"
   math_dir: str = ""             # train.jsonl + {math_split}.jsonl (PRM800K schema)
@@ -115,6 +118,7 @@ class Example:
   answer: str
   subject: str = ""
   level: int | None = None
+  steps: int | None = None       # built-in corpus: equations in the working
 
 
 # ----------------------------------------------------------------------------- records
@@ -150,7 +154,8 @@ def to_example(task: str, record: dict[str, Any], index: int) -> Example:
                    level=_level(record.get("level")))
   if task == "mathcorpus":
     return Example(id=str(record.get("id", index)), question=record["question"],
-                   solution=record["solution"], answer=str(record["answer"]))
+                   solution=record["solution"], answer=str(record["answer"]),
+                   steps=record.get("steps"))
   raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
 
 
@@ -187,7 +192,8 @@ def load_task(task: str, cfg: FewShotConfig, mathcorpus_dir: str = ""
     if not directory:
       raise FileNotFoundError("config.eval.fewshot.mathcorpus_dir is empty and no built-in "
                               "corpus was generated")
-    pool, evals = (_read_jsonl(os.path.join(directory, f"{s}.jsonl")) for s in ("fewshot", "eval"))
+    pool, evals = (_read_jsonl(os.path.join(directory, f"{s}.jsonl"))
+                   for s in ("fewshot", cfg.mathcorpus_split))
   else:
     directory = getattr(cfg, f"{task}_dir")
     split = getattr(cfg, f"{task}_split")
@@ -408,7 +414,7 @@ def evaluate_fewshot(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
   "distinct_preds" (different answers given: 1 means the same answer to every question),
   "constant_answer_accuracy" (the accuracy of always giving the most common gold answer: the
   level below which accuracy says nothing), "per_subject" / "per_level" (MATH: {key:
-  {"accuracy", "n"}}), "samples"}.
+  {"accuracy", "n"}}), "per_steps" (built-in corpus: by equations in the working), "samples"}.
   """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
@@ -458,4 +464,6 @@ def evaluate_fewshot(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
   if task == "math":
     out["per_subject"] = _breakdown([ex.subject for ex in examples], correct)
     out["per_level"] = _breakdown([ex.level for ex in examples], correct)
+  if any(ex.steps is not None for ex in examples):
+    out["per_steps"] = _breakdown([ex.steps for ex in examples], correct)
   return out

@@ -88,7 +88,8 @@ def validation_elbo(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
                     progress: Callable[[int], None] | None = None) -> dict[str, Any]:
   """ELBO_k per token of X for each k in `ks`, from the E-step engine with K = max(ks).
 
-  Documents are chunked with `estep_cfg.chunking`; sampling settings, the context budget and
+  Documents are chunked with `estep_cfg.chunking` (a context chunk, which has no thought, adds
+  its exact log p(X | P) to every ELBO_k); sampling settings, the context budget and
   the overflow policy are the E-step's. Batch b of `estep_cfg.batch_chunks` chunks draws its
   thoughts with `fold_in(key(seed), b)`.
 
@@ -100,8 +101,22 @@ def validation_elbo(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
     raise ValueError(f"elbo ks {ks} must be >= 1")
   cfg = dataclasses.replace(estep_cfg, num_samples=ks[-1], elbo_ks=ks)
   engine = estep_core.Engine(cfg, model_cfg, params, tokenizer, mesh, rules)
-  pairs = [(p.prefix, p.suffix) for text in texts
-           for p in chunking.chunk_pairs(text, cfg.chunking)]
+  chunk_pairs = [p for text in texts for p in chunking.chunk_pairs(text, cfg.chunking)]
+  pairs = [(p.prefix, p.suffix) for p in chunk_pairs if not p.context]
+  # Context chunks (chunking.context_until) carry no thought: their log p(X | P) is exact and
+  # adds to every ELBO_k, so the bound still covers every chunk of the document.
+  context_logp, context_tokens = 0.0, 0
+  contexts = [([tokenizer.bos_id] + tokenizer.encode(p.prefix), tokenizer.encode(p.suffix))
+              for p in chunk_pairs if p.context]
+  if contexts:
+    put, rows = None, cfg.score_rows
+    if mesh is not None:
+      dp = sharding.data_parallel_size(mesh)
+      rows = -(-rows // dp) * dp
+      put = functools.partial(sharding.host_to_global, mesh=mesh)
+    context_logp = float(scoring.score(engine.logprob_fn, engine.params, contexts,
+                                       cfg.max_seq_len, rows_per_batch=rows, put=put).sum())
+    context_tokens = sum(len(x) for _, x in contexts)
   rng = jax.random.key(seed)
   select_rng = np.random.default_rng(seed)
   results: list[estep_core.ChunkResult] = []
@@ -111,14 +126,15 @@ def validation_elbo(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
     results.extend(batch)
     if progress is not None:
       progress(len(batch))
-  suffix_tokens = sum(r.suffix_tokens for r in results)
-  elbo = {str(k): sum(r.elbo[k] for r in results) / suffix_tokens if suffix_tokens
-          else float("nan") for k in ks}
+  suffix_tokens = sum(r.suffix_tokens for r in results) + context_tokens
+  elbo = {str(k): (sum(r.elbo[k] for r in results) + context_logp) / suffix_tokens
+          if suffix_tokens else float("nan") for k in ks}
   n = len(results)
   return {
       "elbo_per_token": elbo,
       "mean_ess": float(np.mean([r.ess for r in results])) if n else float("nan"),
-      "chunks": n, "docs": len(texts), "suffix_tokens": suffix_tokens,
+      "chunks": n, "context_chunks": len(contexts), "docs": len(texts),
+      "suffix_tokens": suffix_tokens,
       "cut_tokens": sum(r.cut_tokens for r in results),
       "frac_ended_with_eol": sum(r.ended for r in results) / n if n else float("nan"),
       "mean_thought_len": float(np.mean([r.thought_len for r in results])) if n else float("nan"),

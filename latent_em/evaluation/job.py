@@ -215,7 +215,8 @@ def run(config, workdir: str) -> dict[str, Any]:
     from latent_em.data import chunking  # pylint: disable=g-import-not-at-top
     estep_cfg = runtime.section(config, "estep")
     texts, stats = read_docs(config, cfg.elbo_files, cfg, workdir, "config.eval.elbo_files")
-    n_chunks = sum(len(chunking.chunk_document(t, estep_cfg.chunking)) for t in texts)
+    n_chunks = sum(len(chunking.chunk_document(t, estep_cfg.chunking))
+                   - chunking.context_chunks(t, estep_cfg.chunking) for t in texts)
     with bar(n_chunks, "eval elbo", "chunk") as pbar:
       elbo = intrinsic.validation_elbo(model_cfg, params, tokenizer, texts, estep_cfg=estep_cfg,
                                        ks=cfg.elbo_ks, seed=cfg.seed, mesh=mesh, rules=rules,
