@@ -5,6 +5,7 @@ in minutes, before full runs.
       --model=runs/base/train
   python -m latent_em.em.probe --config=configs/quickstart.py --workdir=W --what=estep \
       --model=runs/warmstart/train --n=200
+  python -m latent_em.em.probe --config=configs/quickstart.py --workdir=W --what=churn
 
 --what=accuracy   greedy accuracy by equations in the working, on the `dev` questions (2 or
                   more steps) and on --n one-step questions made for the probe (none of them
@@ -22,6 +23,13 @@ in minutes, before full runs.
                                    chunks whose K samples are one thought; mean_distinct
                     mean_ess       effective sample size of the weights, in [1, K]
                   Selection works when kept_right is well above sample_right.
+--what=churn      no model: the kept thoughts of the workdir's E-step iterations
+                  (estep/iter_N), per answer chunk, right or wrong working
+                  (mathcorpus.explains); per iteration the share right, and between
+                  consecutive iterations the transitions right->right, right->wrong,
+                  wrong->right, wrong->wrong and the share of chunks that kept the very same
+                  thought. EM climbs when wrong->right outweighs right->wrong; the share right
+                  settles where right * P(right->wrong) = wrong * P(wrong->right).
 Writes WORKDIR/probes/<what>-<model name>.json and prints it.
 """
 from __future__ import annotations
@@ -149,19 +157,77 @@ def estep(config, workdir: str, model: str, n: int = 200, split: str = "bootstra
   return out
 
 
+def kept_thoughts(records_glob: str) -> dict[tuple[str, int], tuple[str | None, bool]]:
+  """(doc_id, chunk index) -> (kept thought, whether it is the right working) for every chunk
+  of the records that states a derived number."""
+  from latent_em.data import records  # pylint: disable=g-import-not-at-top
+  out = {}
+  for rec in records.read_records(records_glob):
+    sentences = mathcorpus.split_sentences("".join(c.suffix for c in rec.chunks))
+    start = 0
+    for i, c in enumerate(rec.chunks):
+      stop = start + len(mathcorpus.split_sentences(c.suffix))
+      ok = mathcorpus.explains(sentences, start, stop, c.thought)
+      start = stop
+      if ok is not None:
+        out[(rec.doc_id, i)] = (c.thought, ok)
+  return out
+
+
+def churn(workdir: str) -> dict[str, Any]:
+  """Right/wrong transitions of the kept thoughts between E-step iterations (docstring)."""
+  iters = []
+  i = 1
+  while os.path.isdir(os.path.join(workdir, "estep", f"iter_{i}", "estep")):
+    iters.append(kept_thoughts(os.path.join(workdir, "estep", f"iter_{i}", "estep",
+                                            "records-*-of-*.tfrecord")))
+    i += 1
+  if not iters:
+    raise FileNotFoundError(f"no E-step records under {workdir}/estep/iter_1/estep; run the "
+                            "EM job (config.em.iterations >= 1) first")
+  out = {"iterations": [{"iteration": t + 1, "chunks": len(k),
+                         "right": float(np.mean([ok for _, ok in k.values()])) if k else None}
+                        for t, k in enumerate(iters)],
+         "transitions": []}
+  for t in range(1, len(iters)):
+    a, b = iters[t - 1], iters[t]
+    keys = [key for key in a if key in b]
+    counts = {"right->right": 0, "right->wrong": 0, "wrong->right": 0, "wrong->wrong": 0}
+    same = 0
+    for key in keys:
+      (ta, ra), (tb, rb) = a[key], b[key]
+      counts[f"{'right' if ra else 'wrong'}->{'right' if rb else 'wrong'}"] += 1
+      same += ta == tb
+    n = max(len(keys), 1)
+    right_before = counts["right->right"] + counts["right->wrong"]
+    wrong_before = counts["wrong->right"] + counts["wrong->wrong"]
+    out["transitions"].append({
+        "from": t, "to": t + 1, "chunks": len(keys),
+        **{name: v / n for name, v in counts.items()},
+        "same_thought": same / n,
+        "p_right_lost": counts["right->wrong"] / right_before if right_before else None,
+        "p_wrong_fixed": counts["wrong->right"] / wrong_before if wrong_before else None})
+  return out
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from latent_em import config_lib  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   try:
-    if f.what == "accuracy":
+    if f.what == "churn":
+      res = churn(f.workdir)
+    elif not f.model:
+      sys.exit(f"error: --what={f.what} needs --model=<a train workdir>, e.g. runs/warmstart/train")
+    elif f.what == "accuracy":
       res = accuracy(_CONFIG.value, f.workdir, f.model, f.n)
     else:
       res = estep(_CONFIG.value, f.workdir, f.model, f.n, f.split)
   except (config_lib.ConfigError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  name = f.model.rstrip("/").replace("/train", "").rsplit("/", 1)[-1]
+  name = (f.model.rstrip("/").replace("/train", "").rsplit("/", 1)[-1] if f.model
+          else "estep")
   io_utils.write_json(os.path.join(f.workdir, "probes", f"{f.what}-{name}{f.tag}.json"), res)
   print(json.dumps({k: v for k, v in res.items() if k not in ("examples",)}, indent=1,
                    default=str))
@@ -172,10 +238,11 @@ if __name__ == "__main__":
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file("config", None, "The EM run's config file[:variant].")
   flags.DEFINE_string("workdir", None, "The EM job's workdir.")
-  flags.DEFINE_string("model", None, "A train workdir (relative to --workdir or absolute).")
-  flags.DEFINE_enum("what", "estep", ["estep", "accuracy"], "What to measure.")
+  flags.DEFINE_string("model", None, "A train workdir (relative to --workdir or absolute); "
+                      "not for --what=churn.")
+  flags.DEFINE_enum("what", "estep", ["estep", "accuracy", "churn"], "What to measure.")
   flags.DEFINE_integer("n", 200, "Exercises (estep) or one-step questions (accuracy).")
   flags.DEFINE_string("split", "bootstrap", "The corpus split the E-step probe reads.")
   flags.DEFINE_string("tag", "", "Appended to the output file's name.")
-  flags.mark_flags_as_required(["config", "workdir", "model"])
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
