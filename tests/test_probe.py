@@ -62,3 +62,19 @@ def test_churn_counts_transitions(tmp_path):
 def test_churn_without_estep_records_names_the_path(tmp_path):
   with pytest.raises(FileNotFoundError, match="estep/iter_1/estep"):
     probe.churn(str(tmp_path))
+
+
+def test_churn_counts_records_split_inside_a_sentence(tmp_path):
+  texts = _exercises(3)
+  for t in (1, 2):
+    d = os.path.join(str(tmp_path), "estep", f"iter_{t}", "estep")
+    os.makedirs(d)
+    recs = [_record(i, text, True) for i, text in enumerate(texts)]
+    # The last record's answer chunk starts inside its first sentence: no verdict for it.
+    bad = recs[-1]
+    cut = len(bad.chunks[0].suffix) + 3
+    bad.chunks[0].suffix, bad.chunks[1].suffix = bad.text[:cut], bad.text[cut:]
+    records.write_shard(recs, os.path.join(d, "records-00000-of-00001.tfrecord"))
+  res = probe.churn(str(tmp_path))
+  assert [(r["chunks"], r["unaligned_records"], r["right"]) for r in res["iterations"]] == [
+      (2, 1, 1.0), (2, 1, 1.0)]

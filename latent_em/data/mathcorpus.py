@@ -786,6 +786,22 @@ def explains(sentences: Sequence[str], start: int, stop: int, thought: str | Non
   return not needed - collections.Counter(_normal(eq) for eq in eqs)
 
 
+def chunk_verdicts(doc: Sequence[tuple[str, str | None]]) -> list[bool | None] | None:
+  """`explains` for every chunk of one document, given as (text, thought) pairs in order whose
+  texts joined give the document: True / False per chunk that states a derived number, None
+  for a chunk that states none; None for the whole document when its chunks do not end at
+  sentence ends."""
+  sentences = split_sentences("".join(text for text, _ in doc))
+  per_chunk = [len(split_sentences(text)) for text, _ in doc]
+  if sum(per_chunk) != len(sentences):
+    return None
+  out, start = [], 0
+  for (_, thought), n in zip(doc, per_chunk):
+    out.append(explains(sentences, start, start + n, thought))
+    start += n
+  return out
+
+
 def thought_explains(documents: Iterable[Sequence[tuple[str, str | None]]]) -> dict[str, Any]:
   """How many chunks that state derived numbers have a thought that is their right working.
 
@@ -797,15 +813,11 @@ def thought_explains(documents: Iterable[Sequence[tuple[str, str | None]]]) -> d
   """
   chunks = explained = unaligned = 0
   for doc in documents:
-    sentences = split_sentences("".join(text for text, _ in doc))
-    per_chunk = [len(split_sentences(text)) for text, _ in doc]
-    if sum(per_chunk) != len(sentences):
+    verdicts = chunk_verdicts(doc)
+    if verdicts is None:
       unaligned += 1
       continue
-    start = 0
-    for (_, thought), n in zip(doc, per_chunk):
-      ok = explains(sentences, start, start + n, thought)
-      start += n
+    for ok in verdicts:
       if ok is not None:
         chunks += 1
         explained += ok

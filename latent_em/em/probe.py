@@ -157,37 +157,40 @@ def estep(config, workdir: str, model: str, n: int = 200, split: str = "bootstra
   return out
 
 
-def kept_thoughts(records_glob: str) -> dict[tuple[str, int], tuple[str | None, bool]]:
+def kept_thoughts(records_glob: str
+                  ) -> tuple[dict[tuple[str, int], tuple[str | None, bool]], int]:
   """(doc_id, chunk index) -> (kept thought, whether it is the right working) for every chunk
-  of the records that states a derived number."""
+  of the records that states a derived number, and the number of records left out because
+  their chunks do not end at sentence ends."""
   from latent_em.data import records  # pylint: disable=g-import-not-at-top
-  out = {}
+  out, unaligned = {}, 0
   for rec in records.read_records(records_glob):
-    sentences = mathcorpus.split_sentences("".join(c.suffix for c in rec.chunks))
-    start = 0
-    for i, c in enumerate(rec.chunks):
-      stop = start + len(mathcorpus.split_sentences(c.suffix))
-      ok = mathcorpus.explains(sentences, start, stop, c.thought)
-      start = stop
+    verdicts = mathcorpus.chunk_verdicts([(c.suffix, c.thought) for c in rec.chunks])
+    if verdicts is None:
+      unaligned += 1
+      continue
+    for i, (c, ok) in enumerate(zip(rec.chunks, verdicts)):
       if ok is not None:
         out[(rec.doc_id, i)] = (c.thought, ok)
-  return out
+  return out, unaligned
 
 
 def churn(workdir: str) -> dict[str, Any]:
   """Right/wrong transitions of the kept thoughts between E-step iterations (docstring)."""
-  iters = []
+  iters, unaligned = [], []
   i = 1
   while os.path.isdir(os.path.join(workdir, "estep", f"iter_{i}", "estep")):
-    iters.append(kept_thoughts(os.path.join(workdir, "estep", f"iter_{i}", "estep",
-                                            "records-*-of-*.tfrecord")))
+    kept, skipped = kept_thoughts(os.path.join(workdir, "estep", f"iter_{i}", "estep",
+                                               "records-*-of-*.tfrecord"))
+    iters.append(kept)
+    unaligned.append(skipped)
     i += 1
   if not iters:
     raise FileNotFoundError(f"no E-step records under {workdir}/estep/iter_1/estep; run the "
                             "EM job (config.em.iterations >= 1) first")
-  out = {"iterations": [{"iteration": t + 1, "chunks": len(k),
+  out = {"iterations": [{"iteration": t + 1, "chunks": len(k), "unaligned_records": u,
                          "right": float(np.mean([ok for _, ok in k.values()])) if k else None}
-                        for t, k in enumerate(iters)],
+                        for t, (k, u) in enumerate(zip(iters, unaligned))],
          "transitions": []}
   for t in range(1, len(iters)):
     a, b = iters[t - 1], iters[t]
