@@ -17,16 +17,17 @@ many apples does Mia have now?\nAnswer: The answer is 9."). Stages (latent_em/em
   warmstart    300 worked multi-step answers, trained from the base
   baselines    raw_token_matched and raw_compute_matched (the same raw exercises, no
                thoughts), teacher_all (the oracle's thoughts on every exercise)
-  EM           3 iterations: the E-step samples K thoughts per answer from the last model's
-               posterior and keeps one by importance resampling; the M-step retrains the base
-               on the warm-start and E-step records
+  EM           3 iterations: the E-step samples K = 16 thoughts per answer from the last
+               model's posterior and keeps one by importance resampling; the M-step retrains
+               the base on the warm-start and E-step records
   evaluation   held-out questions answered directly and after thinking, validation NLL, ELBO_k
 
 Variants (after the colon, comma-separated):
   ablate_k   K = 1 in the E-step (one sample, no importance resampling); with
              --config.em.reuse_from=<the default run's workdir> it reuses every stage before
              the first E-step
-  k=N        K = N samples per answer
+  k=N        K = N samples per answer (default 16; with K = 8 EM stops gaining after the
+             first iteration, docs/probes.md)
   seed=N     the seed of the fine-tuning runs' data order and of sampling (the corpus and
              the base, config.em.base_seed, are the same for every seed)
   smoke      a much smaller run for tests and notebooks (a minute or two; not a result)
@@ -36,7 +37,7 @@ from latent_em.data import mathcorpus
 
 
 def get_config(arg=None):
-  arg = config_defaults.parse_arg(arg, ablate_k=False, k=8, seed=0, smoke=False)
+  arg = config_defaults.parse_arg(arg, ablate_k=False, k=16, seed=0, smoke=False)
   config = config_defaults.base()
   config.job = "em"
   config.seed = arg.seed

@@ -270,7 +270,8 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
   assert "stage 'estep/iter_1'" in proc.stderr and "changed: config" in proc.stderr
 
 
-@pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=4", "smoke,ablate_k"])
+@pytest.mark.parametrize("variant", [None, "ablate_k", "smoke", "seed=2,k=4", "k=8",
+                                     "smoke,ablate_k"])
 def test_quickstart_variants_validate(variant):
   import importlib.util
   from conftest import REPO
@@ -281,8 +282,9 @@ def test_quickstart_variants_validate(variant):
   config = mod.get_config(variant)
   runtime.validate(config)
   assert config.job == "em" and config.corpus.exercises
-  k = 1 if variant and "ablate_k" in variant else (4 if variant and "k=4" in variant or
-                                                    variant == "smoke" else 8)
+  given = re.search(r"k=(\d+)", variant or "")
+  k = (1 if variant and "ablate_k" in variant else 4 if variant == "smoke"
+       else int(given.group(1)) if given else 16)
   assert config.estep.num_samples == k
   assert config.seed == (2 if variant == "seed=2,k=4" else 0) and config.corpus.seed == 0
   smoke = bool(variant and "smoke" in variant)
