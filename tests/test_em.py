@@ -135,6 +135,40 @@ def _fake_results(acc, n=1000):
   return report.collect(runs)
 
 
+def _with_answers(res, name, protocol, correct, digest="q"):
+  res["runs"][name].setdefault("per_question", {})[protocol] = {"correct": correct,
+                                                                "digest": digest}
+
+
+def test_paired_noise_from_per_question_results():
+  """The paired noise is twice the standard error of the mean per-question difference, computed
+  here by hand; runs without per-question results, or asked other questions, fall back to the
+  binomial noise of two independent accuracies."""
+  res = _fake_results({"em_iter_1": (0.2, 0.5), "warmstart": (0.1, 0.4)}, n=10)
+  _with_answers(res, "em_iter_1", "latent", "1111100000")
+  _with_answers(res, "warmstart", "latent", "1110000001")
+  # Differences 0 0 0 1 1 0 0 0 0 -1: mean 0.1, variance 0.3 - 0.01 = 0.29.
+  want = 2 * np.sqrt(0.29 / 10)
+  a, b = res["runs"]["em_iter_1"], res["runs"]["warmstart"]
+  assert np.isclose(report.paired_noise([(a, b)], "best_accuracy"), want)
+  lines = [l[2:] for l in report.comparison_lines([res]) if l.startswith("- ")]
+  assert (f"em_iter_1 50.0% ahead of warmstart 40.0% by 10.0 points (paired noise: "
+          f"{100 * want:.1f})") in lines
+  assert report.paired_noise([(a, b)], "accuracy") is None  # direct answers not recorded
+  # Two workdirs: the mean difference's variance is the sum of theirs over 2 squared.
+  other = _fake_results({"em_iter_1": (0.2, 0.5), "warmstart": (0.1, 0.4)}, n=10)
+  _with_answers(other, "em_iter_1", "latent", "1111111111")
+  _with_answers(other, "warmstart", "latent", "1111111111")
+  c, d = other["runs"]["em_iter_1"], other["runs"]["warmstart"]
+  assert np.isclose(report.paired_noise([(a, b), (c, d)], "best_accuracy"), want / 2)
+  _with_answers(other, "warmstart", "latent", "1111111111", digest="other questions")
+  assert report.paired_noise([(a, b), (c, d)], "best_accuracy") is None
+  # The binomial noise instead: 2 sqrt((.5 .5 + .4 .6) / (10 questions x 2 workdirs)).
+  lines = [l[2:] for l in report.comparison_lines([res, other]) if l.startswith("- ")]
+  assert ("em_iter_1 50.0% ahead of warmstart 40.0% by 10.0 points (noise: 31.3), ahead in 2 "
+          "of 2") in lines
+
+
 def test_report_schema_table_plots_and_aggregate(tmp_path):
   res = _fake_results({"em_iter_1": (0.2, 0.4), "warmstart": (0.05, 0.3),
                        "raw_token_matched": (0.1, None), "base": (0.08, None)})
@@ -221,6 +255,13 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
     assert r["best_accuracy"] == max(r["accuracy"], r["latent_accuracy"] or 0.0)
     assert (sorted(r["elbo_per_token"]) == ["1", "2", "4"]) == thought
     assert r["questions"] == 12
+    # Per-question results of every protocol the run was asked in, matching its accuracy.
+    assert sorted(r["per_question"]) == (["direct", "latent"] if thought else ["direct"])
+    for protocol, key in (("direct", "accuracy"), ("latent", "latent_accuracy")):
+      if protocol in r["per_question"]:
+        correct = r["per_question"][protocol]["correct"]
+        assert len(correct) == 12 and correct.count("1") / 12 == pytest.approx(r[key])
+  assert len({p["digest"] for r in res["runs"].values() for p in r["per_question"].values()}) == 1
   runs = res["runs"]
   # Budgets: token-matched sees the same raw documents for the M-step's passes; every M-step,
   # compute-matched and teacher_all train the same steps (the M-step budget).
@@ -260,7 +301,7 @@ def test_em_quickstart_smoke_end_to_end_and_resume(em_smoke):
                "Thoughts against raw training on the same exercises, answering directly",
                "EM: the first iteration against the warm start"):
     assert head in out, head
-  assert "- em_iter_1 " in out and "warmstart" in out and "(noise: " in out
+  assert "- em_iter_1 " in out and "warmstart" in out and "(paired noise: " in out
   proc = run_main(args, timeout=600)
   again = proc.stdout + proc.stderr
   assert again.count("skipping") >= 18 and "] starting" not in again

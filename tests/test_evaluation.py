@@ -154,6 +154,9 @@ def test_known_generations_are_scored_exactly(assets, monkeypatch):
   assert [s["correct"] for s in res["samples"]] == [True, False, False, False, True]
   assert res["accuracy"] == 2 / 5 and res["correct"] == 2 and res["n"] == 5
   assert res["no_answer"] == 1 and res["samples"][0]["pred"] == examples[0].answer
+  assert res["per_question"] == "10001"  # in the examples' order, for paired comparisons
+  assert res["questions_digest"] == fewshot.questions_digest([e.id for e in examples])
+  assert res["questions_digest"] != fewshot.questions_digest([e.id for e in examples[::-1]])
   assert set(tok.latent_ids.values()) <= set(seen[0][1]["banned_ids"])
 
   mcfg = fewshot.FewShotConfig(tasks=("math",), math_dir=os.path.join(DATA, "math"),

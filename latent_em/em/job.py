@@ -350,6 +350,10 @@ class Experiment:
       out["questions"] = {name: d["n"] for name, d in fewshot.items()}
       out["per_steps"] = {name: d["per_steps"] for name, d in fewshot.items()
                           if "per_steps" in d}
+      # Which questions each variant answered right: paired comparisons between runs.
+      out["per_question"] = {name: {"correct": d["per_question"],
+                                    "digest": d["questions_digest"]}
+                             for name, d in fewshot.items() if "per_question" in d}
       out["samples"] = res.get("samples", [])[:4]
       return out
 

@@ -6,7 +6,8 @@ results.json: {"runs": {NAME: {...}}, "details": {...}}; per run:
   `SoL PRIOR`; thought-trained runs only, else null); best_accuracy: the higher of the two
   (each run's best protocol); questions: how many questions each was measured on;
   accuracy_by_steps / latent_accuracy_by_steps: by equations in the working (built-in corpus);
-  *_by_task: every task.
+  *_by_task: every task; per_question: {"direct" / "latent": {"correct": a "0"/"1" string, one
+  character per question in order, "digest": of the question ids}} for paired comparisons.
 - nll_per_token: validation NLL (nats per raw token); elbo_per_token: ELBO_k per raw token
   (a lower bound on log p(x) per token; thought-trained runs only).
 - train_tokens: tokens trained on (steps x batch x seq_len); raw_tokens: tokens of the distinct
@@ -86,6 +87,10 @@ def collect(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "samples": ev.get("samples", []),
         "constant_answer_accuracy": _first(ev.get("constant_answer_accuracy")),
     }
+    task, per_question = _first_key(ev.get("accuracy")), ev.get("per_question") or {}
+    protocols = {"direct": per_question.get(task), "latent": per_question.get(f"{task}:latent")}
+    if any(protocols.values()):
+      out[name]["per_question"] = {k: v for k, v in protocols.items() if v}
     for key in THOUGHT_QUALITY:
       if run.get(key) is not None:
         out[name][key] = run[key]["fraction"]
@@ -205,6 +210,35 @@ def _pairs(runs: dict[str, Any], kind: str) -> list[tuple[str, str]]:
   raise ValueError(kind)
 
 
+def _protocol(run: dict[str, Any], key: str) -> str | None:
+  """The protocol whose accuracy `key` is: direct, or the better of the two for best_accuracy."""
+  if key == "accuracy":
+    return "direct"
+  if key == "best_accuracy":
+    direct, latent = run.get("accuracy"), run.get("latent_accuracy")
+    return "latent" if latent is not None and (direct is None or latent >= direct) else "direct"
+  return None
+
+
+def paired_noise(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], key: str
+                 ) -> float | None:
+  """Twice the standard error of the mean accuracy difference of (run, other run) pairs, one
+  pair per workdir, from their per-question results: each workdir's difference is the mean of
+  per-question differences (1, 0 or -1) over the same questions, so what both runs answer alike
+  adds no noise. None unless every pair recorded per-question results on the same questions."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  var = 0.0
+  for a, b in pairs:
+    pa = (a.get("per_question") or {}).get(_protocol(a, key) or "")
+    pb = (b.get("per_question") or {}).get(_protocol(b, key) or "")
+    if not pa or not pb or pa["digest"] != pb["digest"] or not pa["correct"]:
+      return None
+    d = (np.frombuffer(pa["correct"].encode(), np.uint8).astype(np.int64)
+         - np.frombuffer(pb["correct"].encode(), np.uint8).astype(np.int64))
+    var += float(d.var()) / d.size
+  return 2 * math.sqrt(var) / len(pairs) if pairs else None
+
+
 def _line(results: Sequence[dict[str, Any]], ours: str, theirs: str, key: str,
           lower_better: bool = False) -> str | None:
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -225,7 +259,10 @@ def _line(results: Sequence[dict[str, Any]], ours: str, theirs: str, key: str,
     text = (f"{ours} {100 * a:.1f}% {where} {theirs} {100 * b:.1f}% by "
             f"{100 * abs(a - b):.1f} points")
     n = pairs[0][0].get("questions")
-    if n:
+    paired = paired_noise(pairs, key)
+    if paired is not None:
+      text += f" (paired noise: {100 * paired:.1f})"
+    elif n:
       se = math.sqrt((a * (1 - a) + b * (1 - b)) / (n * len(pairs)))
       text += f" (noise: {100 * 2 * se:.1f})"
   if len(pairs) > 1:
@@ -249,9 +286,11 @@ COMPARISONS = (
      "Nats per validation token against raw training (lower is better; a thought-trained run "
      "counts the least of its NLL and -ELBO_k, each an upper bound on -log p(x)):"),
 )
-NOISE_NOTE = ("(noise: twice the binomial standard error of the difference of the two "
-              "accuracies, over the questions and workdirs; over several workdirs, means and "
-              "how many of them are ahead)")
+NOISE_NOTE = ("(paired noise: twice the standard error of the mean per-question difference "
+              "between the two runs, which answered the same questions; noise, where "
+              "per-question results are missing: twice the binomial standard error of the "
+              "difference of two independent accuracies; both over the questions and "
+              "workdirs; over several workdirs, means and how many of them are ahead)")
 
 
 def comparison_lines(results: Sequence[dict[str, Any]]) -> list[str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -400,6 +401,12 @@ def _breakdown(keys: list[Any], correct: list[bool]) -> dict[str, dict[str, floa
   return {k: {"accuracy": float(np.mean(v)), "n": len(v)} for k, v in sorted(groups.items())}
 
 
+def questions_digest(ids: Sequence[str]) -> str:
+  """A short hash of the question ids in order: per-question results of two evaluations pair
+  up only when it matches."""
+  return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
 def evaluate_fewshot(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
                      examples: Sequence[Example], task: str, *, exemplars: Sequence[Example],
                      latent: bool, max_gen_len: int, batch_size: int, max_seq_len: int,
@@ -414,7 +421,9 @@ def evaluate_fewshot(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
   "distinct_preds" (different answers given: 1 means the same answer to every question),
   "constant_answer_accuracy" (the accuracy of always giving the most common gold answer: the
   level below which accuracy says nothing), "per_subject" / "per_level" (MATH: {key:
-  {"accuracy", "n"}}), "per_steps" (built-in corpus: by equations in the working), "samples"}.
+  {"accuracy", "n"}}), "per_steps" (built-in corpus: by equations in the working), "samples",
+  "per_question" (a "0"/"1" string, one character per example in order: whether it was answered
+  right; two runs' strings pair up when their "questions_digest"s, of the example ids, match)}.
   """
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; expected one of {list(TASKS)}")
@@ -460,6 +469,8 @@ def evaluate_fewshot(model_cfg: model_lib.ModelConfig, params: Any, tokenizer,
           max(collections.Counter(ex.answer for ex in examples).values()) / n
           if n else float("nan")),
       "samples": samples,
+      "per_question": "".join("1" if ok else "0" for ok in correct),
+      "questions_digest": questions_digest([ex.id for ex in examples]),
   }
   if task == "math":
     out["per_subject"] = _breakdown([ex.subject for ex in examples], correct)
