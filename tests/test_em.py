@@ -216,6 +216,11 @@ def test_report_schema_table_plots_and_aggregate(tmp_path):
   assert a["n"] == 2 and np.isclose(a["mean"], 0.3) and (a["min"], a["max"]) == (0.2, 0.4)
   assert "| em_iter_1 | 2 | 20.0 [20.0, 20.0] | 30.0 [20.0, 40.0] |" in report.aggregate_table(agg)
   assert report.main([str(tmp_path), str(tmp_path), f"--out={tmp_path}/agg"]) == 0
+  # Equal values whose float mean rounds above them (the base of every seed): bars still plot.
+  same = _fake_results({"base": (0.045, None), "warmstart": (0.05, 0.3)})
+  assert np.mean([0.045] * 3) > 0.045
+  assert report.aggregate([same] * 3)["base"]["accuracy"]["mean"] == 0.045
+  assert report.plot([same] * 3, str(tmp_path / "same"))
   assert (tmp_path / "agg" / "iterations.png").read_bytes()[:4] == b"\x89PNG"
   assert "| base | 2 |" in (tmp_path / "agg" / "results.md").read_text()
 

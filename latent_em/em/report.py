@@ -447,7 +447,10 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str
       for key in ("mean_ess", "identical_share"):
         if e.get(key) is not None:
           m.setdefault(f"estep_{key}", []).append(e[key])
-  return {name: {key: {"mean": float(np.mean(v)), "std": float(np.std(v)),
+  # The mean of equal values can round past them (3 x 0.045 -> 0.045000000000000005): clipped,
+  # so that mean - min and max - mean, the plots' error bars, are never negative.
+  return {name: {key: {"mean": float(np.clip(np.mean(v), np.min(v), np.max(v))),
+                       "std": float(np.std(v)),
                        "min": float(np.min(v)), "max": float(np.max(v)), "n": len(v)}
                  for key, v in m.items()}
           for name, m in metrics.items()}
