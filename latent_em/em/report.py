@@ -52,9 +52,15 @@ def _first(d: dict[str, Any] | None) -> Any:
   return next(iter(d.values()))
 
 
+def _best_protocol(direct: float | None, latent: float | None) -> str | None:
+  """The protocol of a run's best accuracy: after thinking ("latent") on a tie."""
+  if latent is not None and (direct is None or latent >= direct):
+    return "latent"
+  return "direct" if direct is not None else None
+
+
 def _best(direct: float | None, latent: float | None) -> float | None:
-  values = [v for v in (direct, latent) if v is not None]
-  return max(values) if values else None
+  return {"direct": direct, "latent": latent}.get(_best_protocol(direct, latent))
 
 
 def collect(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -215,8 +221,7 @@ def _protocol(run: dict[str, Any], key: str) -> str | None:
   if key == "accuracy":
     return "direct"
   if key == "best_accuracy":
-    direct, latent = run.get("accuracy"), run.get("latent_accuracy")
-    return "latent" if latent is not None and (direct is None or latent >= direct) else "direct"
+    return _best_protocol(run.get("accuracy"), run.get("latent_accuracy"))
   return None
 
 
@@ -233,8 +238,7 @@ def paired_noise(pairs: Sequence[tuple[dict[str, Any], dict[str, Any]]], key: st
     pb = (b.get("per_question") or {}).get(_protocol(b, key) or "")
     if not pa or not pb or pa["digest"] != pb["digest"] or not pa["correct"]:
       return None
-    d = (np.frombuffer(pa["correct"].encode(), np.uint8).astype(np.int64)
-         - np.frombuffer(pb["correct"].encode(), np.uint8).astype(np.int64))
+    d = np.array(list(pa["correct"]), int) - np.array(list(pb["correct"]), int)
     var += float(d.var()) / d.size
   return 2 * math.sqrt(var) / len(pairs) if pairs else None
 
